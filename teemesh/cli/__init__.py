@@ -1,0 +1,21 @@
+"""The ``teemesh`` command: a thin layer over the library."""
+
+from __future__ import annotations
+
+import click
+
+from teemesh import __version__
+from teemesh.cli.attest import attest
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="teemesh")
+def cli() -> None:
+    """teemesh: an attested service mesh for confidential VMs."""
+
+
+cli.add_command(attest)
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,53 @@
+"""Shared CLI output: rich tables for people, ``--json`` for scripts, errors on stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from teemesh.errors import InputError, MeshError
+
+stdout = Console(highlight=False, soft_wrap=True)
+stderr = Console(stderr=True, highlight=False)
+
+EXIT_BAD_INPUT = 2
+
+
+def print_json(doc: Any) -> None:
+    click.echo(json.dumps(doc, indent=2, sort_keys=False))
+
+
+def table(title: str, rows: Iterable[tuple[str, Any]]) -> Table:
+    out = Table(title=title, title_justify="left", show_header=False, box=None, pad_edge=False)
+    out.add_column(style="bold cyan", no_wrap=True)
+    out.add_column(overflow="fold")
+    for key, value in rows:
+        out.add_row(key, "-" if value is None else str(value))
+    return out
+
+
+def fail(error: MeshError | str, code: int = EXIT_BAD_INPUT) -> NoReturn:
+    stderr.print(f"[bold red]error:[/] {error}", markup=True)
+    sys.exit(code)
+
+
+def read_input(path: str, *, limit: int) -> bytes:
+    """Read a file (or ``-`` for stdin), refusing more than ``limit`` bytes without reading all."""
+    try:
+        if path == "-":
+            data = sys.stdin.buffer.read(limit + 1)
+        else:
+            with Path(path).open("rb") as handle:
+                data = handle.read(limit + 1)
+    except OSError as exc:
+        raise InputError(exc.strerror or str(exc), field=path) from exc
+    if len(data) > limit:
+        raise InputError(f"input larger than {limit} bytes", field=path)
+    return data

@@ -1,0 +1,45 @@
+"""One root exception, split by who is at fault.
+
+    MeshError
+     ├── InputError        the caller's input is wrong (a file, a request, a spec): fix the input
+     │    └── EvidenceError   attestation evidence that cannot be parsed; names field and offset
+     ├── PeerError         a remote party failed or misbehaved: maybe retry, maybe elsewhere
+     └── InternalError     our own fault or the environment's: a bug to report
+
+Foreign exceptions (ssl, cryptography, dcap-qvl, etcd) are translated at the edge that calls
+them, with ``raise ... from exc``, so callers only ever catch these.
+"""
+
+from __future__ import annotations
+
+
+class MeshError(Exception):
+    """Root of every error teemesh raises on purpose."""
+
+
+class InputError(MeshError):
+    """The caller's input is malformed or inconsistent; ``field`` names where."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        self.field = field
+        self.problem = message
+        super().__init__(f"{field}: {message}" if field else message)
+
+
+class EvidenceError(InputError):
+    """Attestation evidence (quote, event log, attestation blob) that cannot be parsed."""
+
+    def __init__(self, message: str, *, field: str | None = None, offset: int | None = None):
+        self.offset = offset
+        where = field or "evidence"
+        if offset is not None:
+            where = f"{where} at offset {offset}"
+        super().__init__(message, field=where)
+
+
+class PeerError(MeshError):
+    """A remote party failed, refused, or sent something we cannot accept."""
+
+
+class InternalError(MeshError):
+    """An invariant of ours broke; never caused by the caller."""

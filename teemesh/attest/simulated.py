@@ -44,6 +44,7 @@ from teemesh.attest.quote import (
     QuoteSignature,
     TdReport,
 )
+from teemesh.attest.scale import AttestationV0, encode_attestation_v0
 from teemesh.errors import InputError
 
 SIM_QE_VENDOR_ID = b"TEEMESH-SIM-TEE\x00"
@@ -291,6 +292,16 @@ class SimulatedCvm:
             pck_chain_pem=None,
         ).encode()
         return signed + len(sig).to_bytes(4, "little") + sig
+
+    def attestation(self, report_data: bytes) -> bytes:
+        """A ``VersionedAttestation`` V0, as the guest agent's ``Attest`` returns."""
+        padded = report_data.ljust(64, b"\0")
+        runtime = tuple((e.event, e.payload) for e in self.events if e.is_runtime)
+        config = json.dumps({"vm_config": json.dumps(self.vm_config())})
+        quote = self.quote(report_data)
+        return encode_attestation_v0(
+            AttestationV0(quote, tuple(self.events), runtime, padded, config)
+        )
 
     def event_log_json(self) -> list[dict[str, Any]]:
         return [event.to_json() for event in self.events]

@@ -1,0 +1,109 @@
+"""dstack's RA-TLS certificate extensions (private enterprise number 62397, Phala).
+
+Each extension value is a DER OCTET STRING wrapping the raw bytes. A certificate proves it was
+made inside a TEE when its attestation's report_data is ``sha512("ratls-cert:" || SPKI)``: the
+certificate's own public key is bound into the quote, so the evidence cannot be lifted onto
+another key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+
+from teemesh.attest.dcap import CollateralStore
+from teemesh.attest.evidence import Evidence, load_evidence
+from teemesh.attest.policy import Policy
+from teemesh.attest.verify import Verdict, verify_evidence
+from teemesh.errors import EvidenceError
+
+_ARC = "1.3.6.1.4.1.62397.1"
+OID_TDX_QUOTE = x509.ObjectIdentifier(f"{_ARC}.1")
+OID_EVENT_LOG = x509.ObjectIdentifier(f"{_ARC}.2")
+OID_APP_ID = x509.ObjectIdentifier(f"{_ARC}.3")
+OID_CERT_USAGE = x509.ObjectIdentifier(f"{_ARC}.4")
+OID_ATTESTATION = x509.ObjectIdentifier(f"{_ARC}.8")
+OID_APP_INFO = x509.ObjectIdentifier(f"{_ARC}.9")
+RATLS_PREFIX = b"ratls-cert:"
+
+
+def spki_der(public_key: PublicKeyTypes) -> bytes:
+    return public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def ratls_report_data(public_key: PublicKeyTypes) -> bytes:
+    """The 64-byte report_data that binds a certificate key into a quote."""
+    return hashlib.sha512(RATLS_PREFIX + spki_der(public_key)).digest()
+
+
+def der_octet_string(raw: bytes) -> bytes:
+    size = len(raw)
+    if size < 0x80:
+        length = bytes([size])
+    else:
+        body = size.to_bytes((size.bit_length() + 7) // 8, "big")
+        length = bytes([0x80 | len(body)]) + body
+    return b"\x04" + length + raw
+
+
+def read_der_octet_string(der: bytes, *, field: str) -> bytes:
+    if len(der) < 2 or der[0] != 0x04:
+        raise EvidenceError("not a DER OCTET STRING", field=field)
+    first, offset = der[1], 2
+    if first & 0x80:
+        count = first & 0x7F
+        if count == 0 or count > 4 or len(der) < 2 + count:
+            raise EvidenceError("bad DER length", field=field)
+        size = int.from_bytes(der[2 : 2 + count], "big")
+        offset += count
+    else:
+        size = first
+    if len(der) != offset + size:
+        raise EvidenceError("DER length does not match the value", field=field)
+    return der[offset:]
+
+
+def extension(oid: x509.ObjectIdentifier, raw: bytes) -> x509.UnrecognizedExtension:
+    return x509.UnrecognizedExtension(oid, der_octet_string(raw))
+
+
+def extension_bytes(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> bytes | None:
+    try:
+        ext = cert.extensions.get_extension_for_oid(oid)
+    except x509.ExtensionNotFound:
+        return None
+    value = ext.value
+    if not isinstance(value, x509.UnrecognizedExtension):
+        raise EvidenceError("unexpected extension type", field=oid.dotted_string)
+    return read_der_octet_string(value.value, field=oid.dotted_string)
+
+
+def cert_evidence(cert: x509.Certificate) -> Evidence:
+    """The evidence in a certificate: .1.8 (attestation) first, then legacy .1.1 + .1.2."""
+    attestation = extension_bytes(cert, OID_ATTESTATION)
+    if attestation is not None:
+        return load_evidence(attestation)
+    quote = extension_bytes(cert, OID_TDX_QUOTE)
+    if quote is None:
+        raise EvidenceError("the certificate carries no attestation", field="certificate")
+    log = extension_bytes(cert, OID_EVENT_LOG)
+    doc = {"quote": quote.hex(), "event_log": "" if log is None else log.decode(errors="replace")}
+    return load_evidence(json.dumps(doc).encode())
+
+
+def verify_ratls_cert(
+    cert: x509.Certificate,
+    policy: Policy,
+    *,
+    collateral: CollateralStore | None = None,
+    now: int,
+) -> Verdict:
+    """Verify a certificate's evidence, requiring report_data to bind the certificate's key."""
+    bound = policy.model_copy(update={"report_data": ratls_report_data(cert.public_key()).hex()})
+    return verify_evidence(cert_evidence(cert), bound, collateral=collateral, now=now)

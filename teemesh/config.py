@@ -56,6 +56,8 @@ def read_yaml(path: Path) -> Any:
         raise ConfigError(source, ["not UTF-8 text"]) from exc
     try:
         return yaml.safe_load(text)
+    except RecursionError as exc:
+        raise ConfigError(source, ["document nested too deeply"]) from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1} column {mark.column + 1}: " if mark else ""

@@ -36,6 +36,15 @@ def parse_hex(
     return data
 
 
+def utf8_text(value: str, *, field: str, error: type[InputError] = InputError) -> str:
+    """Refuse strings that cannot be UTF-8 encoded (JSON can smuggle in lone surrogates)."""
+    try:
+        value.encode()
+    except UnicodeEncodeError as exc:
+        raise error("not valid Unicode (lone surrogate)", field=field) from exc
+    return value
+
+
 def is_hex_text(data: bytes) -> bool:
     """True when ``data`` is ASCII hex (optionally ``0x``-prefixed), ignoring outer space."""
     text = data.strip()

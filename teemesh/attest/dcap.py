@@ -76,7 +76,10 @@ class CollateralStore:
 def _read_collateral(file: Path) -> Collateral:
     if file.stat().st_size > MAX_COLLATERAL_LEN:
         raise InputError("collateral file too large", field=str(file))
-    text = file.read_text()
+    try:
+        text = file.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read collateral: {exc}", field=str(file)) from exc
     try:
         doc: Any = json.loads(text)
         tcb_info = json.loads(doc["tcb_info"])

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from teemesh.attest.eventlog import SYSTEM_READY, Event
 from teemesh.attest.quote import TdReport
+from teemesh.encoding import load_json
 from teemesh.errors import EvidenceError
 
 APP_ID_LEN = 20
@@ -31,12 +32,7 @@ class KeyProvider:
 
     @classmethod
     def from_payload(cls, payload: bytes) -> KeyProvider:
-        try:
-            doc = json.loads(payload)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise EvidenceError(
-                "key-provider payload is not JSON", field="event_log(key-provider)"
-            ) from exc
+        doc = load_json(payload, field="event_log(key-provider)", error=EvidenceError)
         if not (
             isinstance(doc, dict)
             and isinstance(doc.get("name"), str)

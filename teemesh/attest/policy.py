@@ -109,7 +109,7 @@ def load_policy(path: Path) -> Policy:
         key_path = path.parent / key
         try:
             doc = {**doc, "platform_key": key_path.read_text()}
-        except (OSError, UnicodeDecodeError) as exc:
+        except (OSError, ValueError) as exc:  # ValueError: NUL in the path, or not UTF-8
             raise ConfigError(str(path), [f"platform_key: cannot read {key_path}: {exc}"]) from exc
     return parse_model(Policy, doc, source=str(path))
 

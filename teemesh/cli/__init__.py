@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from teemesh import __version__
+from teemesh.cli.agent import agent
 from teemesh.cli.attest import attest
 
 
@@ -15,6 +16,7 @@ def cli() -> None:
 
 
 cli.add_command(attest)
+cli.add_command(agent)
 
 
 def main() -> None:

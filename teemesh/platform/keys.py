@@ -225,10 +225,12 @@ def derive_dh_secret(
     root_ca_key: ec.EllipticCurvePrivateKey, context_parts: Iterable[bytes]
 ) -> bytes:
     """sha256 of the derived key's 138-byte PKCS#8 DER (public key included), as rcgen has it."""
-    der = derive_p256(root_ca_key, context_parts).private_bytes(
-        serialization.Encoding.DER,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
+    return pkcs8_digest(derive_p256(root_ca_key, context_parts))
+
+
+def pkcs8_digest(key: ec.EllipticCurvePrivateKey) -> bytes:
+    der = key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     return _sha256(der)
 

@@ -1,0 +1,117 @@
+"""An app's key material inside its CVM, in dstack's ``appkeys.json`` shape.
+
+In KMS mode the keys come from the KMS; without one (dstack's key_provider ``none``) they are
+derived from a random seed the way dstack-util's ``gen_app_keys_from_seed`` does, and the app CA
+is self-signed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from teemesh.attest.dstack import KeyProvider
+from teemesh.encoding import load_json, parse_hex
+from teemesh.errors import InputError
+from teemesh.identity.certs import CertSpec, cert_pem, issue, key_pem, load_cert_pem
+from teemesh.identity.ratls import spki_der
+from teemesh.platform import keys
+
+
+@dataclass(frozen=True)
+class AgentKeys:
+    k256_key: bytes
+    k256_signature: bytes
+    ca_key: ec.EllipticCurvePrivateKey
+    ca_cert: x509.Certificate
+    disk_crypt_key: bytes
+    env_crypt_key: bytes
+    gateway_app_id: str
+    provider: KeyProvider
+
+    def to_json(self) -> dict[str, Any]:
+        """dstack's appkeys.json; ``Kms`` or ``None`` names where the keys came from."""
+        variant = "Kms" if self.provider.name == "kms" else "None"
+        return {
+            "disk_crypt_key": self.disk_crypt_key.hex(),
+            "env_crypt_key": self.env_crypt_key.hex(),
+            "k256_key": self.k256_key.hex(),
+            "k256_signature": self.k256_signature.hex(),
+            "gateway_app_id": self.gateway_app_id,
+            "ca_cert": cert_pem(self.ca_cert),
+            "key_provider": {variant: {"key": key_pem(self.ca_key)}},
+        }
+
+
+def keys_from_seed(seed: bytes | None = None, *, now: dt.datetime | None = None) -> AgentKeys:
+    """Keys for a CVM with no KMS; a fresh seed every boot, like dstack's ``none`` provider."""
+    seed = seed or secrets.token_bytes(32)
+    ca_key = keys.derive_p256_from_seed(seed, [b"app-key"])
+    disk = keys.pkcs8_digest(keys.derive_p256_from_seed(seed, [b"app-disk-key"]))
+    start = now or dt.datetime.now(dt.UTC)
+    spec = CertSpec(
+        "App Root Cert", start, start + dt.timedelta(days=3650), "Dstack", ca_path_len=0
+    )
+    ca_cert = issue(spec, ca_key.public_key(), ca_key)
+    return AgentKeys(
+        k256_key=keys.derive_key(seed, [b"app-k256-key"]),
+        k256_signature=b"",
+        ca_key=ca_key,
+        ca_cert=ca_cert,
+        disk_crypt_key=disk,
+        env_crypt_key=b"",
+        gateway_app_id="",
+        provider=KeyProvider("none", ""),
+    )
+
+
+def load_appkeys(text: str | bytes) -> AgentKeys:
+    """Read dstack's appkeys.json (as the upstream simulator does)."""
+    doc = load_json(text, field="appkeys")
+    if not isinstance(doc, dict):
+        raise InputError("expected a JSON object", field="appkeys")
+    provider = doc.get("key_provider")
+    if not (isinstance(provider, dict) and len(provider) == 1):
+        raise InputError(
+            'expected {"None"|"Kms"|"Local": {"key": PEM}}', field="appkeys.key_provider"
+        )
+    ((variant, body),) = provider.items()
+    if not (isinstance(body, dict) and isinstance(body.get("key"), str)):
+        raise InputError(
+            "expected a PEM private key in key", field=f"appkeys.key_provider.{variant}"
+        )
+    try:
+        ca_key = serialization.load_pem_private_key(body["key"].encode(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"not a PEM private key: {exc}", field="appkeys.key_provider") from exc
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise InputError("expected an EC private key", field="appkeys.key_provider")
+    ca_cert = load_cert_pem(str(doc.get("ca_cert", "")), field="appkeys.ca_cert")
+
+    def hexfield(name: str) -> bytes:
+        return parse_hex(doc.get(name, ""), field=f"appkeys.{name}")
+
+    kms = variant.lower() == "kms"
+    return AgentKeys(
+        k256_key=hexfield("k256_key"),
+        k256_signature=hexfield("k256_signature"),
+        ca_key=ca_key,
+        ca_cert=ca_cert,
+        disk_crypt_key=hexfield("disk_crypt_key"),
+        env_crypt_key=hexfield("env_crypt_key"),
+        gateway_app_id=str(doc.get("gateway_app_id", "")),
+        provider=KeyProvider("kms", spki_der(ca_cert.public_key()).hex())
+        if kms
+        else KeyProvider(variant.lower(), ""),
+    )
+
+
+def dump_appkeys(agent_keys: AgentKeys) -> str:
+    return json.dumps(agent_keys.to_json(), indent=2)

@@ -7,7 +7,6 @@ never fetched here, and tests pin the verification time to the collateral's vali
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import dcap_qvl
 
 from teemesh.attest.quote import Quote
+from teemesh.encoding import load_json
 from teemesh.errors import InputError
 
 MAX_COLLATERAL_LEN = 1024 * 1024
@@ -74,17 +74,17 @@ class CollateralStore:
 
 
 def _read_collateral(file: Path) -> Collateral:
-    if file.stat().st_size > MAX_COLLATERAL_LEN:
-        raise InputError("collateral file too large", field=str(file))
     try:
+        if file.stat().st_size > MAX_COLLATERAL_LEN:
+            raise InputError("collateral file too large", field=str(file))
         text = file.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read collateral: {exc}", field=str(file)) from exc
+    doc: Any = load_json(text, field=str(file))
     try:
-        doc: Any = json.loads(text)
-        tcb_info = json.loads(doc["tcb_info"])
+        tcb_info = load_json(doc["tcb_info"], field=f"{file}: tcb_info")
         fmspc = str(tcb_info["fmspc"]).lower()
-    except (ValueError, KeyError, TypeError) as exc:
+    except (KeyError, TypeError) as exc:
         raise InputError(
             "not dcap-qvl collateral JSON (needs tcb_info with an fmspc)", field=str(file)
         ) from exc
@@ -104,6 +104,8 @@ def quote_fmspc(quote: Quote) -> str:
 
 def verify_dcap(quote: Quote, collateral: Collateral, now: int) -> DcapResult:
     """Verify the Intel signature chain and TCB level; raise ``DcapRejected`` on refusal."""
+    if not 0 <= now < 2**63:
+        raise InputError(f"{now} is not a UNIX time", field="now")
     try:
         parsed = dcap_qvl.QuoteCollateralV3.from_json(collateral.text)
     except ValueError as exc:

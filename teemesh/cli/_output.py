@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from teemesh.errors import InputError, MeshError
 
@@ -29,12 +30,13 @@ def table(title: str, rows: Iterable[tuple[str, Any]]) -> Table:
     out.add_column(style="bold cyan", no_wrap=True)
     out.add_column(overflow="fold")
     for key, value in rows:
-        out.add_row(key, "-" if value is None else str(value))
+        cell = value if isinstance(value, Text) else Text("-" if value is None else str(value))
+        out.add_row(Text(key), cell)
     return out
 
 
 def fail(error: MeshError | str, code: int = EXIT_BAD_INPUT) -> NoReturn:
-    stderr.print(f"[bold red]error:[/] {error}", markup=True)
+    stderr.print(Text("error: ", style="bold red") + Text(str(error)))
     sys.exit(code)
 
 

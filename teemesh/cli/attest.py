@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import click
+from rich.text import Text
 
 from teemesh.attest.dcap import CollateralStore
 from teemesh.attest.evidence import MAX_EVIDENCE_LEN, Analysis, analyze, load_evidence
@@ -73,7 +74,9 @@ def _show(analysis: Analysis, doc: dict[str, object]) -> None:
     type=click.Path(exists=True, path_type=Path),
     help="DCAP collateral: a JSON file or a folder of them (one per FMSPC).",
 )
-@click.option("--now", type=int, help="Verify as of this UNIX time (default: now).")
+@click.option(
+    "--now", type=click.IntRange(0, 2**63 - 1), help="Verify as of this UNIX time (default: now)."
+)
 @click.option(
     "--policy",
     "policy_file",
@@ -97,7 +100,7 @@ def verify(
     if as_json:
         print_json(verdict.to_json())
     else:
-        status = "[bold green]accepted[/]" if verdict.ok else "[bold red]rejected[/]"
+        status = Text("accepted", "bold green") if verdict.ok else Text("rejected", "bold red")
         stdout.print(
             table(
                 "verdict",
@@ -110,5 +113,5 @@ def verify(
             )
         )
         for reason in verdict.reasons:
-            stdout.print(f"  [red]{reason.code.value}[/]: {reason.message}")
+            stdout.print(Text("  ") + Text(reason.code.value, "red") + Text(f": {reason.message}"))
     sys.exit(0 if verdict.ok else 1)

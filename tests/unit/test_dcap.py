@@ -62,7 +62,7 @@ def test_missing_platform_collateral_names_the_fmspc() -> None:
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [("{}", "not dcap-qvl collateral"), ("nope", "not dcap-qvl collateral")],
+    [("{}", "not dcap-qvl collateral"), ("nope", "invalid JSON at line 1")],
 )
 def test_bad_collateral_files(tmp_path: Path, content: str, message: str) -> None:
     (tmp_path / "c.json").write_text(content)

@@ -60,7 +60,7 @@ def test_key_provider_payload_round_trip_and_errors() -> None:
     kp = KeyProvider("kms", "3059")
     assert kp.payload() == b'{"name":"kms","id":"3059"}'
     assert KeyProvider.from_payload(kp.payload()) == kp
-    with pytest.raises(EvidenceError, match="key-provider.*invalid JSON"):
+    with pytest.raises(EvidenceError, match=r"key-provider.*invalid JSON"):
         KeyProvider.from_payload(b"{")
     with pytest.raises(EvidenceError, match="not"):
         KeyProvider.from_payload(b'{"id": 3}')

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import AfterValidator, model_validator
 
@@ -28,6 +28,7 @@ TcbStatus = Literal[
     "OutOfDateConfigurationNeeded",
     "Revoked",
 ]
+TCB_STATUSES: tuple[str, ...] = get_args(TcbStatus)
 
 
 class Reason(StrEnum):

@@ -36,6 +36,7 @@ from teemesh.attest.eventlog import (
     extend,
     runtime_event,
 )
+from teemesh.attest.policy import TCB_STATUSES
 from teemesh.attest.quote import (
     ATT_KEY_ECDSA_P256,
     TDX_TEE_TYPE,
@@ -48,15 +49,6 @@ from teemesh.attest.scale import AttestationV0, encode_attestation_v0
 from teemesh.errors import InputError
 
 SIM_QE_VENDOR_ID = b"TEEMESH-SIM-TEE\x00"
-TCB_STATUSES = (
-    "UpToDate",
-    "SWHardeningNeeded",
-    "ConfigurationNeeded",
-    "ConfigurationAndSWHardeningNeeded",
-    "OutOfDate",
-    "OutOfDateConfigurationNeeded",
-    "Revoked",
-)
 _EV_EFI_PLATFORM_FIRMWARE_BLOB = 0x80000008
 _EV_EFI_BOOT_SERVICES_APPLICATION = 0x80000003
 _EV_IPL = 0x0D

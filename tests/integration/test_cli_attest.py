@@ -591,13 +591,14 @@ def test_human_inspect_keeps_brackets(tmp_path: Path) -> None:
     assert "[/x]" in proc.stdout
 
 
-def test_human_verify_keeps_brackets(tmp_path: Path) -> None:
+def _verify_with_key_provider(tmp_path: Path, name: str) -> subprocess.CompletedProcess[str]:
+    """Verify a simulated quote whose measured key-provider name is ``name``."""
     platform = PlatformKey.generate()
     cvm = SimulatedCvm(
         platform=platform,
         os_image=OsImage("teemesh-test-os"),
         app_compose=b"{}",
-        key_provider=KeyProvider("[/x]", ""),
+        key_provider=KeyProvider(name, ""),
     )
     evidence = tmp_path / "evidence.json"
     evidence.write_text(json.dumps(cvm.get_quote_reply(b"n")))
@@ -607,7 +608,11 @@ def test_human_verify_keeps_brackets(tmp_path: Path) -> None:
         "kp.yaml",
         "tee: simulated\nplatform_key: platform.pem\nkey_providers: [{name: kms}]\n",
     )
-    proc = run("attest", "verify", evidence, "--policy", policy)
+    return run("attest", "verify", evidence, "--policy", policy)
+
+
+def test_human_verify_keeps_brackets(tmp_path: Path) -> None:
+    proc = _verify_with_key_provider(tmp_path, "[/x]")
     assert proc.returncode == 1, proc.stderr
     assert "KEY_PROVIDER_NOT_ALLOWED" in proc.stdout
     assert "key provider [/x]" in proc.stdout
@@ -648,20 +653,5 @@ def test_dangling_symlink_in_collateral_folder(tmp_path: Path) -> None:
 
 def test_key_provider_name_with_lone_surrogate_exits_2(tmp_path: Path) -> None:
     """Was: accepted, then the human output crashed writing it (UnicodeEncodeError, exit 1)."""
-    platform = PlatformKey.generate()
-    cvm = SimulatedCvm(
-        platform=platform,
-        os_image=OsImage("teemesh-test-os"),
-        app_compose=b"{}",
-        key_provider=KeyProvider("\ud800", ""),
-    )
-    evidence = tmp_path / "evidence.json"
-    evidence.write_text(json.dumps(cvm.get_quote_reply(b"n")))
-    (tmp_path / "platform.pem").write_bytes(platform.public_pem())
-    policy = write_policy(
-        tmp_path,
-        "kp.yaml",
-        "tee: simulated\nplatform_key: platform.pem\nkey_providers: [{name: kms}]\n",
-    )
-    proc = run("attest", "verify", evidence, "--policy", policy)
+    proc = _verify_with_key_provider(tmp_path, "\ud800")
     assert_clean_error(proc, "event_log(key-provider)", "surrogate")

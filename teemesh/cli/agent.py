@@ -15,7 +15,6 @@ from teemesh.encoding import parse_hex
 from teemesh.errors import InputError
 from teemesh.fsutil import append_private, write_private
 from teemesh.platform.agent import GuestAgent
-from teemesh.platform.agent_http import bind_tcp, bind_unix, run
 from teemesh.platform.appkeys import keys_from_seed, load_appkeys
 
 DEFAULT_COMPOSE = (
@@ -89,6 +88,9 @@ def agent(
     os_image: str,
 ) -> None:
     """Serve dstack's guest-agent API on SOCKET, backed by the simulated TEE."""
+    # Imported here: FastAPI and uvicorn cost every other teemesh command ~0.5 s at start-up.
+    from teemesh.platform.agent_http import bind_tcp, bind_unix, run  # noqa: PLC0415
+
     try:
         platform = load_or_create_platform_key(platform_key or state / "platform.key")
         compose = app_compose.read_bytes() if app_compose else DEFAULT_COMPOSE

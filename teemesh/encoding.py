@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import binascii
 import json
+import re
 from typing import Any
 
 from teemesh.errors import InputError
@@ -36,15 +37,6 @@ def parse_hex(
     return data
 
 
-def utf8_text(value: str, *, field: str, error: type[InputError] = InputError) -> str:
-    """Refuse strings that cannot be UTF-8 encoded (JSON can smuggle in lone surrogates)."""
-    try:
-        value.encode()
-    except UnicodeEncodeError as exc:
-        raise error("not valid Unicode (lone surrogate)", field=field) from exc
-    return value
-
-
 def is_hex_text(data: bytes) -> bool:
     """True when ``data`` is ASCII hex (optionally ``0x``-prefixed), ignoring outer space."""
     text = data.strip()
@@ -54,9 +46,13 @@ def is_hex_text(data: bytes) -> bool:
 
 
 def load_json(text: str | bytes, *, field: str, error: type[InputError] = InputError) -> Any:
-    """Parse JSON, naming the field and position of a syntax error."""
+    """Parse JSON, naming the field and position of a syntax error.
+
+    Lone surrogates (``"\\ud800"``) are refused here, once for every caller: Python's json
+    accepts them, and the first ``.encode()`` downstream would crash on them.
+    """
     try:
-        return json.loads(text)
+        doc = json.loads(text)
     except UnicodeDecodeError as exc:
         raise error(f"not UTF-8 text: {exc.reason}", field=field) from exc
     except json.JSONDecodeError as exc:
@@ -65,3 +61,27 @@ def load_json(text: str | bytes, *, field: str, error: type[InputError] = InputE
         ) from exc
     except RecursionError as exc:
         raise error("JSON nested too deeply", field=field) from exc
+    if _MAYBE_SURROGATE.search(text if isinstance(text, str) else text.decode(errors="replace")):
+        check_unicode(doc, field=field, error=error)
+    return doc
+
+
+_MAYBE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]|[\ud800-\udfff]")
+
+
+def check_unicode(doc: Any, *, field: str, error: type[InputError] = InputError) -> None:
+    """Refuse a lone surrogate anywhere in decoded JSON, naming the path of the bad string."""
+    stack: list[tuple[Any, str]] = [(doc, field)]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                stack.append((key, where))
+                stack.append((item, f"{where}.{key}"))
+        elif isinstance(value, list):
+            stack.extend((item, f"{where}[{i}]") for i, item in enumerate(value))
+        elif isinstance(value, str):
+            try:
+                value.encode()
+            except UnicodeEncodeError as exc:
+                raise error("not valid Unicode (lone surrogate)", field=where) from exc

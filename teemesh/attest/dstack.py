@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from teemesh.attest.eventlog import SYSTEM_READY, Event
 from teemesh.attest.quote import TdReport
-from teemesh.encoding import load_json, utf8_text
+from teemesh.encoding import load_json
 from teemesh.errors import EvidenceError
 
 APP_ID_LEN = 20
@@ -41,9 +41,7 @@ class KeyProvider:
             raise EvidenceError(
                 'key-provider payload is not {"name", "id"}', field="event_log(key-provider)"
             )
-        where = "event_log(key-provider)"
-        name = utf8_text(doc["name"], field=where, error=EvidenceError)
-        return cls(name, utf8_text(doc.get("id", ""), field=where, error=EvidenceError))
+        return cls(doc["name"], doc.get("id", ""))
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from teemesh.encoding import load_json, parse_hex, utf8_text
+from teemesh.encoding import check_unicode, load_json, parse_hex
 from teemesh.errors import EvidenceError
 
 RUNTIME_EVENT_TYPE = 0x08000001
@@ -108,6 +108,7 @@ def parse_event_log(
         items = load_json(data, field=field, error=EvidenceError)
     else:
         items = data
+        check_unicode(items, field=field, error=EvidenceError)
     if not isinstance(items, list):
         raise EvidenceError(
             f"expected a JSON list of events, got {type(items).__name__}", field=field
@@ -127,7 +128,6 @@ def _parse_event(item: object, where: str) -> Event:
     name = item.get("event", "")
     if not isinstance(name, str):
         raise EvidenceError("expected a string", field=f"{where}.event")
-    utf8_text(name, field=f"{where}.event", error=EvidenceError)
     version = _uint(item, "version", where, limit=2) if "version" in item else 1
     preimage = item.get("preimage")
     pre = None if preimage in (None, "") else _hex(preimage, f"{where}.preimage")

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from teemesh import __version__
 from teemesh.attest.dstack import mr_aggregated, mr_system
 from teemesh.attest.simulated import SimulatedCvm
-from teemesh.encoding import parse_hex, utf8_text
+from teemesh.encoding import check_unicode, parse_hex
 from teemesh.errors import InputError
 from teemesh.identity.certs import (
     DSTACK_NOT_BEFORE,
@@ -71,7 +71,7 @@ class Args:
             raise InputError(
                 f"expected a string, got {type(value).__name__}", field=self._field(name)
             )
-        return utf8_text(value, field=self._field(name))
+        return value
 
     def hex(self, name: str, *, max_size: int | None = None) -> bytes:
         return parse_hex(self.raw.get(name) or "", field=self._field(name), max_size=max_size)
@@ -90,7 +90,7 @@ class Args:
             value = [value]
         if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
             raise InputError("expected a list of strings", field=self._field(name))
-        return [utf8_text(v, field=self._field(name)) for v in value]
+        return value
 
     def timestamp(self, name: str) -> dt.datetime | None:
         value = self.raw.get(name)
@@ -116,6 +116,7 @@ class GuestAgent:
         handler = table.get(method)
         if handler is None:
             raise InputError(f"no such method {method!r} in {service}", field="method")
+        check_unicode(raw, field=method)
         return handler(self, Args(method, raw))
 
     # DstackGuest -------------------------------------------------------------------------

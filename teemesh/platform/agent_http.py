@@ -7,7 +7,6 @@ Arguments come from the query string for GET, else from a JSON body (JSON conten
 
 from __future__ import annotations
 
-import json
 import signal
 import socket
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ import uvloop
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from teemesh.encoding import load_json
 from teemesh.errors import InputError
 from teemesh.platform.agent import GuestAgent
 
@@ -43,10 +43,7 @@ async def _arguments(request: Request) -> dict[str, Any]:
             "protobuf bodies are not supported: send JSON (application/json, or ?json)",
             field="body",
         )
-    try:
-        doc = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"invalid JSON: {exc}", field="body") from exc
+    doc = load_json(body, field="body")
     if doc is None:
         return {}
     if not isinstance(doc, dict):

@@ -20,6 +20,7 @@ from cryptography import x509
 from teemesh.attest.evidence import analyze, load_evidence
 from teemesh.attest.policy import Policy
 from teemesh.attest.quote import parse_quote
+from teemesh.errors import EvidenceError
 from teemesh.identity.ratls import verify_ratls_cert
 from teemesh.platform import keys
 
@@ -157,7 +158,7 @@ def test_get_tls_key_is_fresh_and_ra_tls_verifies(client, agent) -> None:
     verdict = verify_ratls_cert(leaf, _platform_policy(agent), now=int(time.time()))
     assert verdict.ok, verdict.reasons
     plain = x509.load_pem_x509_certificate(b.certificate_chain[0].encode())
-    with pytest.raises(Exception, match="no attestation"):
+    with pytest.raises(EvidenceError, match="no attestation"):
         verify_ratls_cert(plain, _platform_policy(agent), now=0)
 
 
@@ -229,6 +230,7 @@ def test_legacy_tappd_client(agent) -> None:
         ("/prpc/Tappd.TdxQuote", {"report_data": "00", "hash_algorithm": "md5"}, "hash_algorithm"),
         ("/EmitEvent", {"event": "", "payload": ""}, "EmitEvent.event"),
         ("/GetTlsKey", {"not_before": "soon"}, "GetTlsKey.not_before"),
+        ("/GetKey", {"path": "\ud800"}, "body.path: not valid Unicode"),
     ],
 )
 def test_bad_requests_get_400_naming_the_field(agent, path: str, body: dict, field: str) -> None:

@@ -75,7 +75,7 @@ def test_collateral_that_dcap_qvl_refuses(tmp_path: Path) -> None:
     doc["pck_crl"] = "zz"
     (tmp_path / "c.json").write_text(json.dumps(doc))
     quote = _quote()
-    with pytest.raises((InputError, DcapRejected)):
+    with pytest.raises(InputError, match="collateral rejected by dcap-qvl"):
         verify_dcap(quote, CollateralStore.open(tmp_path).for_quote(quote), PINNED)
 
 

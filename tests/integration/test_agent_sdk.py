@@ -230,13 +230,18 @@ def test_legacy_tappd_client(agent) -> None:
         ("/prpc/Tappd.TdxQuote", {"report_data": "00", "hash_algorithm": "md5"}, "hash_algorithm"),
         ("/EmitEvent", {"event": "", "payload": ""}, "EmitEvent.event"),
         ("/GetTlsKey", {"not_before": "soon"}, "GetTlsKey.not_before"),
-        ("/GetKey", {"path": "\ud800"}, "body.path: not valid Unicode"),
     ],
 )
 def test_bad_requests_get_400_naming_the_field(agent, path: str, body: dict, field: str) -> None:
     response = agent.post(path, body)
     assert response.status_code == 400
     assert field in response.json()["error"]
+
+
+def test_lone_surrogate_in_json_is_refused(agent) -> None:
+    response = agent.post("/GetKey?json", content=b'{"path": "\\ud800"}')
+    assert response.status_code == 400
+    assert "body.path: not valid Unicode" in response.json()["error"]
 
 
 def test_wrong_content_type_and_bad_json(agent) -> None:

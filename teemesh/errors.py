@@ -3,6 +3,7 @@
     MeshError
      ├── InputError        the caller's input is wrong (a file, a request, a spec): fix the input
      │    └── EvidenceError   attestation evidence that cannot be parsed; names field and offset
+     ├── Refused           well-formed, but policy says no (an attestation or boot not allowed)
      ├── PeerError         a remote party failed or misbehaved: maybe retry, maybe elsewhere
      └── InternalError     our own fault or the environment's: a bug to report
 
@@ -35,6 +36,14 @@ class EvidenceError(InputError):
         if offset is not None:
             where = f"{where} at offset {offset}"
         super().__init__(message, field=where)
+
+
+class Refused(MeshError):
+    """A well-formed request that policy refuses; ``reasons`` say why, each one a sentence."""
+
+    def __init__(self, reasons: str | list[str] | tuple[str, ...]) -> None:
+        self.reasons = (reasons,) if isinstance(reasons, str) else tuple(reasons)
+        super().__init__("; ".join(self.reasons))
 
 
 class PeerError(MeshError):

@@ -86,7 +86,8 @@ class Policy(Frozen):
     app_ids: tuple[Hex20, ...] | None = None
     key_providers: tuple[KeyProviderRule, ...] | None = None
     allowed_tcb_statuses: tuple[TcbStatus, ...] = ("UpToDate",)
-    allowed_advisory_ids: tuple[str, ...] = ()
+    allowed_advisory_ids: tuple[str, ...] | None = ()
+    """Advisories are refused unless listed; None leaves them to a later check (KMS bootAuth)."""
     report_data: Annotated[str, _hex(max_size=64)] | None = None
 
     @model_validator(mode="after")
@@ -137,7 +138,12 @@ def check_policy(claims: Claims, policy: Policy) -> tuple[Refusal, ...]:
                 f"TCB status {claims.tcb_status} is not in [{allowed}]",
             )
         )
-    bad = [a for a in claims.advisory_ids if a not in policy.allowed_advisory_ids]
+    allowed_advisories = policy.allowed_advisory_ids
+    bad = [
+        a
+        for a in claims.advisory_ids
+        if allowed_advisories is not None and a not in allowed_advisories
+    ]
     if bad:
         out.append(
             Refusal(Reason.ADVISORY_NOT_ALLOWED, f"advisories not allowed: {', '.join(bad)}")

@@ -154,33 +154,59 @@ def verify_simulated_quote(quote: Quote, public_key: ec.EllipticCurvePublicKey) 
     return TCB_STATUSES[code]
 
 
+def _image_digest(os_image_hash: bytes, part: str) -> bytes:
+    return hashlib.sha384(b"teemesh-sim-os:" + os_image_hash + b":" + part.encode()).digest()
+
+
+def image_boot_events(os_image_hash: bytes) -> tuple[Event, ...]:
+    """Firmware, kernel and command line of the image, measured into RTMR0..2."""
+    parts = (
+        (0, _EV_EFI_PLATFORM_FIRMWARE_BLOB, "firmware"),
+        (1, _EV_EFI_BOOT_SERVICES_APPLICATION, "kernel"),
+        (2, _EV_IPL, "cmdline"),
+    )
+    return tuple(
+        Event(
+            imr,
+            etype,
+            _image_digest(os_image_hash, part),
+            "",
+            f"{part}:{os_image_hash.hex()}".encode(),
+        )
+        for imr, etype, part in parts
+    )
+
+
+def image_matches(report: TdReport, os_image_hash: bytes) -> bool:
+    """Whether a quote's MRTD and RTMR0..2 are what booting this image gives.
+
+    Every simulated measurement is a function of the image hash, so a verifier can check a
+    claimed ``vm_config.os_image_hash`` the way dstack's KMS does by measuring the real image.
+    """
+    registers = [ZERO_RTMR] * 3
+    for event in image_boot_events(os_image_hash):
+        registers[event.imr] = extend(registers[event.imr], event.measured_digest())
+    expected = (_image_digest(os_image_hash, "mrtd"), *registers)
+    actual = (report.mr_td, report.rtmr0, report.rtmr1, report.rtmr2)
+    return all(hmac.compare_digest(a, b) for a, b in zip(expected, actual, strict=True))
+
+
 @dataclass(frozen=True)
 class OsImage:
-    """A named simulated OS image: firmware, kernel and command line measure into MRTD..RTMR2."""
+    """A named simulated OS image; all its measurements derive from its image hash."""
 
     name: str
-
-    def _digest(self, part: str) -> bytes:
-        return hashlib.sha384(f"teemesh-sim-os:{self.name}:{part}".encode()).digest()
-
-    @property
-    def mr_td(self) -> bytes:
-        return self._digest("mrtd")
 
     @property
     def os_image_hash(self) -> bytes:
         return hashlib.sha256(f"teemesh-sim-os:{self.name}:image".encode()).digest()
 
+    @property
+    def mr_td(self) -> bytes:
+        return _image_digest(self.os_image_hash, "mrtd")
+
     def boot_events(self) -> tuple[Event, ...]:
-        parts = (
-            (0, _EV_EFI_PLATFORM_FIRMWARE_BLOB, "firmware"),
-            (1, _EV_EFI_BOOT_SERVICES_APPLICATION, "kernel"),
-            (2, _EV_IPL, "cmdline"),
-        )
-        return tuple(
-            Event(imr, etype, self._digest(part), "", f"{self.name}:{part}".encode())
-            for imr, etype, part in parts
-        )
+        return image_boot_events(self.os_image_hash)
 
 
 @dataclass
@@ -195,6 +221,8 @@ class SimulatedCvm:
     instance_id: bytes | None = None
     tcb_status: str = "UpToDate"
     debug: bool = False
+    awaiting_keys: bool = False
+    """Stop booting after ``boot-mr-done`` until ``finish_boot`` (KMS mode: keys come first)."""
     events: list[Event] = field(default_factory=list)
     _rtmrs: list[bytes] = field(default_factory=lambda: [ZERO_RTMR] * 4)
 
@@ -220,11 +248,20 @@ class SimulatedCvm:
             ("compose-hash", self.compose_hash),
             ("instance-id", self.instance_id),
             (BOOT_MR_DONE, b""),
-            ("os-image-hash", self.os_image.os_image_hash),
-            ("key-provider", self.key_provider.payload()),
-            (SYSTEM_READY, b""),
         ):
             self.emit(name, payload)
+        if not self.awaiting_keys:
+            self.finish_boot(self.key_provider)
+
+    def finish_boot(self, key_provider: KeyProvider) -> None:
+        """Measure where the keys came from, then mark the system ready (dstack-util order)."""
+        if any(e.event == SYSTEM_READY for e in self.events):
+            raise InputError("this CVM has finished booting", field="key_provider")
+        self.key_provider = key_provider
+        self.awaiting_keys = False
+        self.emit("os-image-hash", self.os_image.os_image_hash)
+        self.emit("key-provider", key_provider.payload())
+        self.emit(SYSTEM_READY, b"")
 
     def _measure(self, event: Event) -> None:
         self.events.append(event)

@@ -7,6 +7,7 @@ quotes signed by its pinned platform key.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ from teemesh.attest.simulated import (
     SimulatedQuoteInvalid,
     is_simulated,
     load_platform_public_key,
+    platform_key_id,
     verify_simulated_quote,
 )
 from teemesh.errors import InputError
@@ -30,6 +32,8 @@ class Verdict:
     advisory_ids: tuple[str, ...]
     reasons: tuple[Refusal, ...]
     analysis: Analysis
+    device_id: bytes | None = None
+    """sha256 of the PPID for TDX; of the platform key id for the simulated TEE (one machine)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -68,15 +72,16 @@ def verify_evidence(
         except DcapRejected as exc:
             return refused(Refusal(Reason.QUOTE_INVALID, f"DCAP verification failed: {exc}"))
         tcb_status, advisories = result.tcb_status, result.advisory_ids
+        device_id = result.device_id
     else:
         assert policy.platform_key is not None
+        platform = load_platform_public_key(policy.platform_key.encode())
         try:
-            tcb_status = verify_simulated_quote(
-                quote, load_platform_public_key(policy.platform_key.encode())
-            )
+            tcb_status = verify_simulated_quote(quote, platform)
         except SimulatedQuoteInvalid as exc:
             return refused(Refusal(Reason.QUOTE_INVALID, f"simulated quote refused: {exc}"))
         advisories = ()
+        device_id = hashlib.sha256(platform_key_id(platform)).digest()
 
     reasons: list[Refusal] = []
     if quote.report.debug:
@@ -107,4 +112,6 @@ def verify_evidence(
         mr_system=analysis.measurements.mr_system,
     )
     reasons.extend(check_policy(claims, policy))
-    return Verdict(not reasons, policy.tee, tcb_status, advisories, tuple(reasons), analysis)
+    return Verdict(
+        not reasons, policy.tee, tcb_status, advisories, tuple(reasons), analysis, device_id
+    )

@@ -7,6 +7,7 @@ import click
 from teemesh import __version__
 from teemesh.cli.agent import agent
 from teemesh.cli.attest import attest
+from teemesh.cli.kms import kms
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,6 +18,7 @@ def cli() -> None:
 
 cli.add_command(attest)
 cli.add_command(agent)
+cli.add_command(kms)
 
 
 def main() -> None:

@@ -134,3 +134,16 @@ def load_cert_pem(pem: str | bytes, *, field: str) -> x509.Certificate:
         return x509.load_pem_x509_certificate(pem.encode() if isinstance(pem, str) else pem)
     except ValueError as exc:
         raise InputError(f"not a PEM certificate: {exc}", field=field) from exc
+
+
+def load_key_pem(pem: str | bytes, *, field: str) -> ec.EllipticCurvePrivateKey:
+    """A P-256 private key (every key our CAs and leaves use); anything else names ``field``."""
+    try:
+        key = serialization.load_pem_private_key(
+            pem.encode() if isinstance(pem, str) else pem, password=None
+        )
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"not a PEM private key: {exc}", field=field) from exc
+    if not (isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1)):
+        raise InputError("expected a P-256 private key", field=field)
+    return key

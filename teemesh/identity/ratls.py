@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -107,3 +110,18 @@ def verify_ratls_cert(
     """Verify a certificate's evidence, requiring report_data to bind the certificate's key."""
     bound = policy.model_copy(update={"report_data": ratls_report_data(cert.public_key()).hex()})
     return verify_evidence(cert_evidence(cert), bound, collateral=collateral, now=now)
+
+
+@dataclass(frozen=True)
+class RatlsVerifier:
+    """A policy and what checking it needs (collateral, a clock), for RA-TLS certificates."""
+
+    policy: Policy
+    collateral: CollateralStore | None = None
+    clock: Callable[[], float] = time.time
+
+    def verify(self, cert: x509.Certificate, policy: Policy | None = None) -> Verdict:
+        """``policy`` overrides the configured one for this call (the same quote checks)."""
+        now = int(self.clock())
+        chosen = policy or self.policy
+        return verify_ratls_cert(cert, chosen, collateral=self.collateral, now=now)

@@ -255,6 +255,8 @@ class GuestAgent:
         )
         cert = issue(spec, key.public_key(), self.keys.ca_key, self.keys.ca_cert)
         chain = [cert_pem(cert), cert_pem(self.keys.ca_cert)]
+        if self.keys.kms_ca_cert is not None:
+            chain.append(cert_pem(self.keys.kms_ca_cert))
         return {"key": key_pem(key), "certificate_chain": chain}
 
     def _identity(self) -> dict[str, str]:

@@ -14,13 +14,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from teemesh.attest.dstack import KeyProvider
 from teemesh.encoding import load_json, parse_hex
 from teemesh.errors import InputError
-from teemesh.identity.certs import CertSpec, cert_pem, issue, key_pem, load_cert_pem
+from teemesh.identity.certs import (
+    CertSpec,
+    cert_pem,
+    issue,
+    key_pem,
+    load_cert_pem,
+    load_key_pem,
+)
 from teemesh.identity.ratls import spki_der
 from teemesh.platform import keys
 
@@ -35,6 +41,8 @@ class AgentKeys:
     env_crypt_key: bytes
     gateway_app_id: str
     provider: KeyProvider
+    kms_ca_cert: x509.Certificate | None = None
+    """KMS mode: the KMS root CA above ``ca_cert``, so leaf chains run up to it."""
 
     def to_json(self) -> dict[str, Any]:
         """dstack's appkeys.json; ``Kms`` or ``None`` names where the keys came from."""
@@ -87,12 +95,7 @@ def load_appkeys(text: str | bytes) -> AgentKeys:
         raise InputError(
             "expected a PEM private key in key", field=f"appkeys.key_provider.{variant}"
         )
-    try:
-        ca_key = serialization.load_pem_private_key(body["key"].encode(), password=None)
-    except (ValueError, TypeError) as exc:
-        raise InputError(f"not a PEM private key: {exc}", field="appkeys.key_provider") from exc
-    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
-        raise InputError("expected an EC private key", field="appkeys.key_provider")
+    ca_key = load_key_pem(body["key"], field="appkeys.key_provider")
     ca_cert = load_cert_pem(str(doc.get("ca_cert", "")), field="appkeys.ca_cert")
 
     def hexfield(name: str) -> bytes:
@@ -115,3 +118,30 @@ def load_appkeys(text: str | bytes) -> AgentKeys:
 
 def dump_appkeys(agent_keys: AgentKeys) -> str:
     return json.dumps(agent_keys.to_json(), indent=2)
+
+
+def keys_from_kms(reply: Any, root_ca: x509.Certificate) -> AgentKeys:
+    """The keys in a KMS ``GetAppKey`` reply; the key provider measured is that KMS's root CA."""
+    if not isinstance(reply, dict):
+        raise InputError("expected a JSON object", field="GetAppKey")
+
+    def text(name: str) -> str:
+        value = reply.get(name)
+        if not isinstance(value, str):
+            raise InputError("missing or not a string", field=f"GetAppKey.{name}")
+        return value
+
+    def hexfield(name: str, size: int) -> bytes:
+        return parse_hex(text(name), field=f"GetAppKey.{name}", size=size)
+
+    return AgentKeys(
+        k256_key=hexfield("k256_key", 32),
+        k256_signature=hexfield("k256_signature", 65),
+        ca_key=load_key_pem(text("app_ca_key"), field="GetAppKey.app_ca_key"),
+        ca_cert=load_cert_pem(text("app_ca_cert"), field="GetAppKey.app_ca_cert"),
+        disk_crypt_key=hexfield("disk_crypt_key", 32),
+        env_crypt_key=hexfield("env_crypt_key", 32),
+        gateway_app_id=text("gateway_app_id"),
+        provider=KeyProvider("kms", spki_der(root_ca.public_key()).hex()),
+        kms_ca_cert=root_ca,
+    )

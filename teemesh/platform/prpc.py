@@ -22,7 +22,7 @@ import uvicorn
 import uvloop
 from fastapi import Request
 from fastapi.responses import JSONResponse
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from teemesh.encoding import load_json
 from teemesh.errors import InputError, MeshError, Refused
@@ -60,7 +60,7 @@ async def request_arguments(request: Request) -> dict[str, Any]:
     return doc
 
 
-class _PeerCertProtocol(HttpToolsProtocol):
+class _PeerCertProtocol(H11Protocol):
     """uvicorn's HTTP protocol, plus the TLS client certificate in each request's state.
 
     ASGI has no standard place for it; the state dict is per connection once rebound here.

@@ -7,6 +7,7 @@ auth-simple config parser. Whatever parses must also decide without raising and 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from typing import Any
@@ -225,3 +226,26 @@ def test_config_plausible_documents(doc: dict[str, Any]) -> None:
         assert str(exc).startswith(f"auth.json: {len(exc.problems)} problem(s):")
         return
     _check_config(config)
+
+
+# --------------------------------------------------------------------------- the KMS's own parsers
+
+_ROOT_FIELDS = ("ca_key", "ca_cert", "k256_key", "temp_ca_key", "temp_ca_cert")
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.dictionaries(st.sampled_from((*_ROOT_FIELDS, "keys", "extra")), json_values, max_size=6)
+    | json_values
+)
+def test_kms_root_keys_and_handover_replies(doc: Any) -> None:
+    """A damaged state file or a hostile GetKmsKey reply is an InputError, never a crash."""
+    from teemesh.platform.kms import RootKeys, root_keys_from_kms_key_reply
+
+    for parse in (
+        lambda: RootKeys.from_json(doc, field="root"),
+        lambda: root_keys_from_kms_key_reply(doc),
+        lambda: root_keys_from_kms_key_reply({"keys": [doc]}),
+    ):
+        with contextlib.suppress(InputError):
+            parse()

@@ -325,11 +325,21 @@ def test_onboarding_a_second_replica(cluster: Cluster) -> None:
             a, b = KmsClient(cluster.kms_url, cluster.trust), KmsClient(url_b, cluster.trust)
             assert a.call("GetMeta")["k256_pubkey"] == b.call("GetMeta")["k256_pubkey"]
             app_id = {"app_id": "11" * 20}
-            ka, kb = (
-                a.call("GetAppEnvEncryptPubKey", app_id),
-                b.call("GetAppEnvEncryptPubKey", app_id),
-            )
+            ka = a.call("GetAppEnvEncryptPubKey", app_id)
+            kb = b.call("GetAppEnvEncryptPubKey", app_id)
             assert ka["public_key"] == kb["public_key"]
+            # an app gets the same keys from either replica
+            derived = []
+            for name, url in (("app-on-a", cluster.kms_url), ("app-on-b", url_b)):
+                args = _app_agent(cluster, name, APP_COMPOSE)
+                args[args.index(cluster.kms_url)] = url
+                sock = cluster.tmp / f"{name}.sock"
+                with (
+                    started(args, cluster.tmp / f"{name}.log", sock.exists),
+                    AgentClient(str(sock)) as agent,
+                ):
+                    derived.append(agent.call("GetKey", {"path": "db"}))
+            assert derived[0] == derived[1]
 
 
 def test_onboarding_is_refused_unless_mr_aggregated_is_listed(cluster: Cluster) -> None:

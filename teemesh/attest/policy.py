@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import AfterValidator, model_validator
 
@@ -45,6 +45,11 @@ class Reason(StrEnum):
     APP_ID_NOT_ALLOWED = "APP_ID_NOT_ALLOWED"
     KEY_PROVIDER_NOT_ALLOWED = "KEY_PROVIDER_NOT_ALLOWED"
     REPORT_DATA_MISMATCH = "REPORT_DATA_MISMATCH"
+    # admission (coordinator) codes
+    NONCE_INVALID = "NONCE_INVALID"
+    GROUP_NOT_ALLOWED = "GROUP_NOT_ALLOWED"
+    PEER_ID_NOT_ALLOWED = "PEER_ID_NOT_ALLOWED"
+    PEER_ID_IN_USE = "PEER_ID_IN_USE"
 
 
 @dataclass(frozen=True)
@@ -92,11 +97,16 @@ class Policy(Frozen):
 
     @model_validator(mode="after")
     def _platform_key_matches_tee(self) -> Policy:
-        if self.tee == "simulated" and not self.platform_key:
-            raise ValueError("tee: simulated needs platform_key (the platform's PEM public key)")
-        if self.tee == "tdx" and self.platform_key:
-            raise ValueError("platform_key is only for tee: simulated")
+        check_platform_key(self.tee, self.platform_key)
         return self
+
+
+def check_platform_key(tee: str, platform_key: str | None) -> None:
+    """Simulated quotes need a pinned platform key, and a TDX policy must not carry one."""
+    if tee == "simulated" and not platform_key:
+        raise ValueError("tee: simulated needs platform_key (the platform's PEM public key)")
+    if tee == "tdx" and platform_key:
+        raise ValueError("platform_key is only for tee: simulated")
 
 
 def load_policy(path: Path) -> Policy:
@@ -106,14 +116,19 @@ def load_policy(path: Path) -> Policy:
         doc = {}
     if not isinstance(doc, dict):
         raise ConfigError(str(path), ["(top level): expected a mapping of policy fields"])
+    return parse_model(Policy, with_platform_key(doc, path), source=str(path))
+
+
+def with_platform_key(doc: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``platform_key`` may be PEM text or a file path relative to the document at ``path``."""
     key = doc.get("platform_key")
     if isinstance(key, str) and key and not key.lstrip().startswith("-----BEGIN"):
         key_path = path.parent / key
         try:
-            doc = {**doc, "platform_key": key_path.read_text()}
+            return {**doc, "platform_key": key_path.read_text()}
         except (OSError, ValueError) as exc:  # ValueError: NUL in the path, or not UTF-8
             raise ConfigError(str(path), [f"platform_key: cannot read {key_path}: {exc}"]) from exc
-    return parse_model(Policy, doc, source=str(path))
+    return doc
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import click
 from teemesh import __version__
 from teemesh.cli.agent import agent
 from teemesh.cli.attest import attest
+from teemesh.cli.coordinator import coordinator
 from teemesh.cli.kms import kms
 
 
@@ -19,6 +20,7 @@ def cli() -> None:
 cli.add_command(attest)
 cli.add_command(agent)
 cli.add_command(kms)
+cli.add_command(coordinator)
 
 
 def main() -> None:

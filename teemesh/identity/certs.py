@@ -37,6 +37,8 @@ class CertSpec:
     ca_path_len: int | None = None
     """None for a leaf; 0 or more makes a CA with that path length."""
     extensions: Sequence[x509.ExtensionType] = field(default_factory=tuple)
+    serial: int | None = None
+    """None draws a random serial; a CA that replicas derive alike fixes it."""
 
 
 def _name(spec: CertSpec) -> x509.Name:
@@ -75,7 +77,7 @@ def issue(
         .subject_name(subject)
         .issuer_name(issuer.subject if issuer else subject)
         .public_key(public_key)
-        .serial_number(x509.random_serial_number())
+        .serial_number(spec.serial or x509.random_serial_number())
         .not_valid_before(spec.not_before)
         .not_valid_after(spec.not_after)
         .add_extension(

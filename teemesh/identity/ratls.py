@@ -8,21 +8,24 @@ another key.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from teemesh.attest.dcap import CollateralStore
 from teemesh.attest.evidence import Evidence, load_evidence
 from teemesh.attest.policy import Policy
 from teemesh.attest.verify import Verdict, verify_evidence
-from teemesh.errors import EvidenceError
+from teemesh.errors import EvidenceError, InputError, PeerError
+from teemesh.identity.certs import CertSpec, issue, new_p256_key
 
 _ARC = "1.3.6.1.4.1.62397.1"
 OID_TDX_QUOTE = x509.ObjectIdentifier(f"{_ARC}.1")
@@ -125,3 +128,47 @@ class RatlsVerifier:
         now = int(self.clock())
         chosen = policy or self.policy
         return verify_ratls_cert(cert, chosen, collateral=self.collateral, now=now)
+
+
+class PinnedPeer(RatlsVerifier):
+    """A check for TLS clients: the server's evidence must satisfy the pinned policy.
+
+    Sidecars use it on coordinators and agents on the KMS; it raises ``PeerError`` naming every
+    reason, so the caller can refuse the connection before sending a byte.
+    """
+
+    def __call__(self, cert: x509.Certificate) -> None:
+        name = cert.subject.rfc4514_string()
+        try:
+            verdict = self.verify(cert)
+        except InputError as exc:
+            raise PeerError(f"the evidence in {name}'s certificate is unreadable: {exc}") from exc
+        if not verdict.ok:
+            reasons = "; ".join(f"{r.code}: {r.message}" for r in verdict.reasons)
+            raise PeerError(f"{name} failed its attestation policy: {reasons}")
+
+
+def issue_ratls_server_cert(
+    attest: Callable[[bytes], bytes],
+    issuer_key: ec.EllipticCurvePrivateKey,
+    issuer_cert: x509.Certificate,
+    *,
+    names: Sequence[str],
+    usage: bytes,
+    organization: str,
+    now: dt.datetime | None = None,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A fresh TLS key whose certificate carries a quote binding it (``attest``: our TEE)."""
+    now = now or dt.datetime.now(dt.UTC)
+    key = new_p256_key()
+    attestation = attest(ratls_report_data(key.public_key()))
+    spec = CertSpec(
+        common_name=names[0] if names else organization,
+        not_before=now - dt.timedelta(hours=1),
+        not_after=now + dt.timedelta(days=365),
+        organization=organization,
+        alt_names=tuple(names),
+        server_auth=True,
+        extensions=(extension(OID_CERT_USAGE, usage), extension(OID_ATTESTATION, attestation)),
+    )
+    return issue(spec, key.public_key(), issuer_key, issuer_cert), key

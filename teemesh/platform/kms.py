@@ -39,11 +39,10 @@ from teemesh.identity.certs import (
 from teemesh.identity.ratls import (
     OID_APP_ID,
     OID_ATTESTATION,
-    OID_CERT_USAGE,
     RatlsVerifier,
     extension,
     extension_bytes,
-    ratls_report_data,
+    issue_ratls_server_cert,
     spki_der,
 )
 from teemesh.platform import keys
@@ -146,22 +145,10 @@ def rpc_cert(
     now: dt.datetime | None = None,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """The KMS's RA-TLS server certificate: its key is bound into a quote of this CVM."""
-    now = now or dt.datetime.now(dt.UTC)
-    key = new_p256_key()
-    attestation = attest(ratls_report_data(key.public_key()))
-    spec = CertSpec(
-        common_name=names[0] if names else "teemesh-kms",
-        not_before=now - dt.timedelta(hours=1),
-        not_after=now + dt.timedelta(days=365),
-        organization="Dstack",
-        alt_names=names,
-        server_auth=True,
-        extensions=(
-            extension(OID_CERT_USAGE, KMS_RPC_USAGE),
-            extension(OID_ATTESTATION, attestation),
-        ),
-    )
-    return issue(spec, key.public_key(), root.ca_key, root.ca_cert), key
+    return issue_ratls_server_cert(
+        attest, root.ca_key, root.ca_cert, names=names or ("teemesh-kms",),
+        usage=KMS_RPC_USAGE, organization="Dstack", now=now,
+    )  # fmt: skip
 
 
 def verification_policy(policy: Policy) -> Policy:

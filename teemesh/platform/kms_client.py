@@ -11,64 +11,43 @@
 from __future__ import annotations
 
 import datetime as dt
-import http.client
 import json
-import ssl
-import tempfile
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from teemesh.attest.simulated import SimulatedCvm
-from teemesh.encoding import load_json
-from teemesh.errors import InputError, MeshError, PeerError, Refused
+from teemesh.errors import InputError, PeerError, Refused
 from teemesh.identity.certs import (
     CertSpec,
-    cert_pem,
     issue,
-    key_pem,
     load_cert_pem,
     load_key_pem,
     new_p256_key,
 )
 from teemesh.identity.ratls import (
     OID_ATTESTATION,
-    OID_CERT_USAGE,
-    RatlsVerifier,
+    PinnedPeer,
     extension,
-    extension_bytes,
     ratls_report_data,
 )
+from teemesh.net.attested_https import AttestedHttpsClient, ServerCheck
 from teemesh.platform.appkeys import AgentKeys, keys_from_kms
 from teemesh.platform.kms import KMS_RPC_USAGE
 
-MAX_REPLY = 1024 * 1024
 Attest = Callable[[bytes], bytes]
 """report_data -> dstack VersionedAttestation, from the caller's own TEE."""
-ServerCheck = Callable[[x509.Certificate], None]
-"""Raises unless the KMS's certificate proves what the caller requires of it."""
 
 
-class KmsPolicy(RatlsVerifier):
-    """What a KMS must prove before we trust the keys it hands us."""
-
-    def __call__(self, cert: x509.Certificate) -> None:
-        try:
-            verdict = self.verify(cert)
-        except InputError as exc:
-            raise PeerError(f"the KMS certificate's evidence is unreadable: {exc}") from exc
-        if not verdict.ok:
-            reasons = "; ".join(f"{r.code}: {r.message}" for r in verdict.reasons)
-            raise PeerError(f"the KMS failed its attestation policy: {reasons}")
+KmsPolicy = PinnedPeer
+"""What a KMS must prove before we trust the keys it hands us."""
 
 
-class KmsClient:
-    """One KMS URL; each call opens a fresh connection and checks the server again."""
+class KmsClient(AttestedHttpsClient):
+    """One KMS URL: dstack's pRPC calls, with the server checked before each one."""
 
     def __init__(
         self,
@@ -78,72 +57,18 @@ class KmsClient:
         client_cert: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None,
         timeout: float = 10.0,
     ) -> None:
-        parts = urlsplit(url)
-        if parts.scheme != "https" or not parts.hostname:
-            raise InputError(f"expected https://HOST[:PORT], got {url!r}", field="kms_url")
-        self.url = url
-        self.host, self.port = parts.hostname, parts.port or 443
-        self.server_check = server_check
-        self.timeout = timeout
-        self.context = ssl.create_default_context()
-        # The server is authenticated by its attestation (checked after the handshake, before
-        # any request), not by a web PKI name.
-        self.context.check_hostname = False
-        self.context.verify_mode = ssl.CERT_NONE
-        if client_cert is not None:
-            _load_client_cert(self.context, *client_cert)
-        self.server_cert: x509.Certificate | None = None
+        super().__init__(
+            url, server_check, usage=KMS_RPC_USAGE, client_cert=client_cert, timeout=timeout
+        )
 
     def call(self, method: str, args: dict[str, Any] | None = None) -> Any:
-        where = f"KMS {self.url} {method}"
-        conn = http.client.HTTPSConnection(
-            self.host, self.port, timeout=self.timeout, context=self.context
-        )
-        try:
-            conn.connect()
-            assert isinstance(conn.sock, ssl.SSLSocket)
-            der = conn.sock.getpeercert(binary_form=True)
-            if der is None:
-                raise PeerError(f"{where}: the server sent no certificate")
-            cert = x509.load_der_x509_certificate(der)
-            if extension_bytes(cert, OID_CERT_USAGE) != KMS_RPC_USAGE:
-                raise PeerError("the server certificate lacks usage kms:rpc")
-            self.server_check(cert)
-            self.server_cert = cert
-            body = json.dumps(args or {})
-            conn.request("POST", f"/prpc/{method}", body, {"Content-Type": "application/json"})
-            response = conn.getresponse()
-            data = response.read(MAX_REPLY + 1)
-        except (OSError, http.client.HTTPException, ValueError) as exc:
-            raise PeerError(f"{where}: {exc}") from exc
-        except MeshError as exc:
-            raise PeerError(f"{where}: {exc}") from exc
-        finally:
-            conn.close()
-        if len(data) > MAX_REPLY:
-            raise PeerError(f"{where}: reply over {MAX_REPLY} bytes")
-        try:
-            doc = load_json(data, field=method)
-        except InputError as exc:
-            raise PeerError(f"{where}: HTTP {response.status}: {exc}") from exc
-        if response.status == 403:
+        status, doc = self.post(f"/prpc/{method}", args or {})
+        if status == 403:
             raise Refused(str(doc.get("error") if isinstance(doc, dict) else doc))
-        if response.status != 200:
+        if status != 200:
             detail = doc.get("error") if isinstance(doc, dict) else doc
-            raise PeerError(f"{where}: HTTP {response.status}: {detail!s:.300}")
+            raise PeerError(f"KMS {self.url} {method}: HTTP {status}: {detail!s:.300}")
         return doc
-
-
-def _load_client_cert(
-    context: ssl.SSLContext, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
-) -> None:
-    """ssl only loads key pairs from files: use a private temporary folder, removed at once."""
-    with tempfile.TemporaryDirectory(prefix="teemesh-kms-") as folder:
-        cert_path, key_path = Path(folder) / "cert.pem", Path(folder) / "key.pem"
-        cert_path.write_text(cert_pem(cert))
-        key_path.touch(mode=0o600)
-        key_path.write_text(key_pem(key))
-        context.load_cert_chain(cert_path, key_path)
 
 
 def attested_client_cert(

@@ -117,7 +117,7 @@ def run_app(app: Any, sockets: Sequence[socket.socket], tls: TlsFiles | None = N
         app,
         log_level="warning",
         access_log=False,
-        lifespan="off",
+        lifespan="auto",  # apps that need async set-up (a store) declare a lifespan
         http=_PeerCertProtocol,
         **options,
     )

@@ -1,0 +1,103 @@
+"""``teemesh coordinator``: attested admission and the mesh CA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from teemesh.attest.dcap import CollateralStore
+from teemesh.cli._output import fail, stderr, stdout, table
+from teemesh.coordinator.policy import load_cluster_policy
+from teemesh.errors import MeshError
+
+
+@click.command()
+@click.option(
+    "--policy",
+    "policy_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="Cluster policy: cluster name, tee, platform_key, and one attestation policy per group.",
+)
+@click.option("--listen", default="127.0.0.1:8443", show_default=True, help="HOST:PORT (TLS).")
+@click.option(
+    "--state",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path(".teemesh/coordinator"),
+    show_default=True,
+    help="Folder for the embedded catalog and this run's TLS files.",
+)
+@click.option(
+    "--agent",
+    "agent_endpoint",
+    help="This CVM's guest agent: socket path or http URL "
+    "(default: $DSTACK_SIMULATOR_ENDPOINT, else /var/run/dstack.sock).",
+)
+@click.option(
+    "--collateral",
+    type=click.Path(exists=True, path_type=Path),
+    help="DCAP collateral file or folder (tee: tdx).",
+)
+@click.option(
+    "--name", "names", multiple=True, help="DNS name or IP for the server certificate (repeatable)."
+)
+def coordinator(
+    policy_path: Path,
+    listen: str,
+    state: Path,
+    agent_endpoint: str | None,
+    collateral: Path | None,
+    names: tuple[str, ...],
+) -> None:
+    """Admit attested sidecars and issue their mesh certificates (SVIDs)."""
+    # Imported here: the HTTP stack costs every other teemesh command at start-up.
+    from teemesh.catalog.sqlite import SqliteStore  # noqa: PLC0415
+    from teemesh.coordinator.client import COORDINATOR_USAGE  # noqa: PLC0415
+    from teemesh.coordinator.http import create_app  # noqa: PLC0415
+    from teemesh.coordinator.service import Coordinator  # noqa: PLC0415
+    from teemesh.fsutil import write_private  # noqa: PLC0415
+    from teemesh.identity.certs import cert_pem, key_pem  # noqa: PLC0415
+    from teemesh.identity.meshca import GET_KEY_PATH, mesh_ca_cert, mesh_ca_key  # noqa: PLC0415
+    from teemesh.identity.ratls import issue_ratls_server_cert, spki_der  # noqa: PLC0415
+    from teemesh.platform.agent_client import AgentClient  # noqa: PLC0415
+    from teemesh.platform.prpc import TlsFiles, bind_tcp, run_app  # noqa: PLC0415
+
+    try:
+        policy = load_cluster_policy(policy_path)
+        store_collateral = CollateralStore.open(collateral) if collateral else None
+        sock = bind_tcp(listen)
+        host = sock.getsockname()[0]
+        with AgentClient(agent_endpoint) as agent:
+            stderr.print("coordinator: deriving the mesh CA through the guest agent")
+            ca_key = mesh_ca_key(agent.get_key(GET_KEY_PATH, "mesh-ca"))
+            ca_cert = mesh_ca_cert(ca_key, policy.cluster)
+            cert, key = issue_ratls_server_cert(
+                agent.attest, ca_key, ca_cert, names=names or (host,),
+                usage=COORDINATOR_USAGE, organization="teemesh",
+            )  # fmt: skip
+        tls = TlsFiles(state / "rpc.crt", state / "rpc.key")
+        write_private(tls.cert_chain, (cert_pem(cert) + cert_pem(ca_cert)).encode())
+        write_private(tls.key, key_pem(key).encode())
+    except MeshError as exc:
+        fail(exc)
+    except OSError as exc:
+        fail(f"cannot start the coordinator: {exc}")
+
+    async def make() -> Coordinator:
+        store = await SqliteStore.open(state / "catalog.db")
+        return Coordinator(policy, store, ca_key, ca_cert, store_collateral)
+
+    app = create_app(make)
+    stdout.print(table("teemesh coordinator", [
+        ("listen", f"https://{host}:{sock.getsockname()[1]}"),
+        ("cluster", policy.cluster),
+        ("tee", policy.tee),
+        ("groups", ", ".join(policy.groups) or "-"),
+        ("mesh CA key", spki_der(ca_key.public_key()).hex()[-64:]),
+        ("catalog", state / "catalog.db"),
+    ]))  # fmt: skip
+    try:
+        run_app(app, [sock], tls)
+    finally:
+        sock.close()

@@ -1,0 +1,1 @@
+"""The coordinator: attested admission, the mesh CA and the catalog API."""

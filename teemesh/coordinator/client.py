@@ -1,0 +1,106 @@
+"""The sidecar's side of admission: prove this CVM to an attested coordinator, get an SVID.
+
+The coordinator is trusted only through ``coordinator_check`` (a ``PinnedPeer`` with the
+coordinator policy from the sidecar's configuration): its evidence is checked on every
+connection before the request is sent, and the CA it returns is the one the sidecar then pins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from teemesh.attest.policy import Reason, Refusal
+from teemesh.coordinator.admission import admission_report_data
+from teemesh.coordinator.service import AdmissionRefused
+from teemesh.errors import InputError, PeerError
+from teemesh.identity.certs import load_cert_pem, new_p256_key
+from teemesh.identity.meshca import spiffe_id
+from teemesh.net.attested_https import AttestedHttpsClient, ServerCheck
+from teemesh.platform.agent_client import AgentClient
+
+COORDINATOR_USAGE = b"teemesh:coordinator"
+
+
+@dataclass(frozen=True)
+class Svid:
+    key: ec.EllipticCurvePrivateKey
+    certificate: x509.Certificate
+    ca_certificate: x509.Certificate
+    spiffe_id: str
+    expires_at: int
+    renew_after: int
+
+
+class AdmissionClient:
+    def __init__(
+        self, url: str, coordinator_check: ServerCheck, agent: AgentClient, *, timeout: float = 10
+    ) -> None:
+        self.https = AttestedHttpsClient(
+            url, coordinator_check, usage=COORDINATOR_USAGE, timeout=timeout
+        )
+        self.agent = agent
+
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        status, doc = self.https.post(path, body)
+        if status == 403 and isinstance(doc, dict) and isinstance(doc.get("reasons"), list):
+            raise AdmissionRefused(
+                tuple(
+                    Refusal(Reason(r["code"]), str(r.get("message", "")))
+                    for r in doc["reasons"]
+                    if isinstance(r, dict) and r.get("code") in Reason.__members__
+                )
+            )
+        if status != 200 or not isinstance(doc, dict):
+            detail = doc.get("error") if isinstance(doc, dict) else doc
+            raise PeerError(f"coordinator {self.https.url}{path}: HTTP {status}: {detail!s:.300}")
+        return doc
+
+    def admit(self, cluster: str, group: str, peer_id: str) -> Svid:
+        key = new_p256_key()
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, peer_id)])
+        csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
+        nonce = self._post("/v1/admission/challenge", {}).get("nonce")
+        if not isinstance(nonce, str):
+            raise PeerError("the coordinator's challenge has no nonce")
+        try:
+            nonce_bytes = bytes.fromhex(nonce)
+        except ValueError as exc:
+            raise PeerError("the coordinator's nonce is not hex") from exc
+        report_data = admission_report_data(cluster, group, peer_id, nonce_bytes, key.public_key())
+        quote = self.agent.call("GetQuote", {"report_data": report_data.hex()})
+        reply = self._post(
+            "/v1/admission/attest",
+            {
+                "group": group,
+                "peer_id": peer_id,
+                "nonce": nonce,
+                "csr": csr.public_bytes(serialization.Encoding.PEM).decode(),
+                **{k: quote.get(k) for k in ("quote", "event_log", "vm_config")},
+            },
+        )
+        return _svid(reply, key, spiffe_id(cluster, group, peer_id))
+
+
+def _svid(reply: dict[str, Any], key: ec.EllipticCurvePrivateKey, expected: str) -> Svid:
+    """Check what came back before using it: our key, our name, signed by the returned CA."""
+    try:
+        cert = load_cert_pem(str(reply.get("certificate", "")), field="certificate")
+        ca = load_cert_pem(str(reply.get("ca_certificate", "")), field="ca_certificate")
+        cert.verify_directly_issued_by(ca)
+    except (InputError, ValueError, TypeError, InvalidSignature) as exc:
+        raise PeerError(f"the coordinator returned an unusable certificate: {exc}") from exc
+    if cert.public_key() != key.public_key():
+        raise PeerError("the coordinator certified another key")
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    if sans.get_values_for_type(x509.UniformResourceIdentifier) != [expected]:
+        raise PeerError(f"the coordinator certified another identity than {expected}")
+    return Svid(
+        key, cert, ca, expected, int(reply.get("expires_at", 0)), int(reply.get("renew_after", 0))
+    )

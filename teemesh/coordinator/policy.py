@@ -1,0 +1,77 @@
+"""The cluster policy a coordinator admits by: one attestation policy per group of peers.
+
+The TEE kind and its trust anchor (``tee``, ``platform_key``) are cluster-wide, so no group can
+quietly accept simulated quotes in a TDX cluster. Group fields follow the attestation policy's
+rule: left out means not checked, an empty list admits nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, Field, model_validator
+
+from teemesh.attest.policy import (
+    Hex20,
+    Hex32,
+    KeyProviderRule,
+    Policy,
+    TcbStatus,
+    check_platform_key,
+    with_platform_key,
+)
+from teemesh.config import ConfigError, Frozen, parse_model, read_yaml
+
+NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+"""Cluster, group and peer names: DNS labels, so they fit SPIFFE ids and hostnames alike."""
+
+
+def _label(value: str) -> str:
+    if not NAME.fullmatch(value):
+        raise ValueError(f"{value!r} is not a DNS label (a-z, 0-9 and '-', at most 63)")
+    return value
+
+
+Label = Annotated[str, AfterValidator(_label)]
+
+
+class GroupPolicy(Frozen):
+    compose_hashes: tuple[Hex32, ...] | None = None
+    app_ids: tuple[Hex20, ...] | None = None
+    os_images: tuple[Hex32, ...] | None = None
+    mr_systems: tuple[Hex32, ...] | None = None
+    key_providers: tuple[KeyProviderRule, ...] | None = None
+    allowed_tcb_statuses: tuple[TcbStatus, ...] = ("UpToDate",)
+    allowed_advisory_ids: tuple[str, ...] = ()
+    peer_ids: tuple[Label, ...] | None = None
+    """None admits any peer id; a list admits only those."""
+
+
+class ClusterPolicy(Frozen):
+    cluster: Label
+    tee: Literal["tdx", "simulated"] = "tdx"
+    platform_key: str | None = None
+    """PEM public key of the simulated platform (tee: simulated only)."""
+    svid_ttl_seconds: int = Field(3600, ge=60, le=30 * 24 * 3600)
+    nonce_ttl_seconds: int = Field(60, ge=5, le=3600)
+    groups: dict[Label, GroupPolicy] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _platform_key_matches_tee(self) -> ClusterPolicy:
+        check_platform_key(self.tee, self.platform_key)
+        return self
+
+    def attest_policy(self, group: str | None) -> Policy:
+        """The attestation policy for ``group`` (None: only the cluster-wide quote checks)."""
+        rules = self.groups[group].model_dump(exclude={"peer_ids"}) if group else {}
+        return Policy(tee=self.tee, platform_key=self.platform_key, **rules)
+
+
+def load_cluster_policy(path: Path) -> ClusterPolicy:
+    """Read a cluster policy; ``platform_key`` may be PEM text or a path next to the file."""
+    doc = read_yaml(path)
+    if not isinstance(doc, dict):
+        raise ConfigError(str(path), ["(top level): expected a mapping with cluster and groups"])
+    return parse_model(ClusterPolicy, with_platform_key(doc, path), source=str(path))

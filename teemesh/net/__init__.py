@@ -1,0 +1,1 @@
+"""The network edge: attested HTTPS clients, listeners and relays."""

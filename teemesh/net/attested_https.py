@@ -1,0 +1,100 @@
+"""HTTPS to a peer that proves itself by attestation, not by a web PKI name.
+
+The server's certificate is checked right after the handshake (its RA-TLS evidence against a
+pinned policy, and an optional dstack usage), before a single request byte is sent. Each call
+opens a fresh connection and checks the server again; replies are bounded JSON.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import ssl
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from teemesh.encoding import load_json
+from teemesh.errors import InputError, MeshError, PeerError
+from teemesh.identity.certs import cert_pem, key_pem
+from teemesh.identity.ratls import OID_CERT_USAGE, extension_bytes
+
+MAX_REPLY = 1024 * 1024
+ServerCheck = Callable[[x509.Certificate], None]
+"""Raises unless the server's certificate proves what the caller requires of it."""
+
+
+class AttestedHttpsClient:
+    def __init__(
+        self,
+        url: str,
+        server_check: ServerCheck,
+        *,
+        usage: bytes | None = None,
+        client_cert: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        parts = urlsplit(url)
+        if parts.scheme != "https" or not parts.hostname:
+            raise InputError(f"expected https://HOST[:PORT], got {url!r}", field="url")
+        self.url = url.rstrip("/")
+        self.host, self.port = parts.hostname, parts.port or 443
+        self.server_check = server_check
+        self.usage = usage
+        self.timeout = timeout
+        self.context = ssl.create_default_context()
+        self.context.check_hostname = False
+        self.context.verify_mode = ssl.CERT_NONE  # replaced by server_check, below
+        if client_cert is not None:
+            _load_client_cert(self.context, *client_cert)
+        self.server_cert: x509.Certificate | None = None
+
+    def post(self, path: str, body: Any) -> tuple[int, Any]:
+        """POST JSON; returns the HTTP status and the JSON reply. Failures are PeerErrors."""
+        where = f"{self.url}{path}"
+        conn = http.client.HTTPSConnection(
+            self.host, self.port, timeout=self.timeout, context=self.context
+        )
+        try:
+            conn.connect()
+            assert isinstance(conn.sock, ssl.SSLSocket)
+            der = conn.sock.getpeercert(binary_form=True)
+            if der is None:
+                raise PeerError(f"{where}: the server sent no certificate")
+            cert = x509.load_der_x509_certificate(der)
+            if self.usage is not None and extension_bytes(cert, OID_CERT_USAGE) != self.usage:
+                raise PeerError(f"the server certificate lacks usage {self.usage.decode()}")
+            self.server_check(cert)
+            self.server_cert = cert
+            conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            data = response.read(MAX_REPLY + 1)
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            raise PeerError(f"{where}: {exc}") from exc
+        except MeshError as exc:
+            raise PeerError(f"{where}: {exc}") from exc
+        finally:
+            conn.close()
+        if len(data) > MAX_REPLY:
+            raise PeerError(f"{where}: reply over {MAX_REPLY} bytes")
+        try:
+            return response.status, load_json(data, field=path)
+        except InputError as exc:
+            raise PeerError(f"{where}: HTTP {response.status}: {exc}") from exc
+
+
+def _load_client_cert(
+    context: ssl.SSLContext, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
+) -> None:
+    """ssl only loads key pairs from files: use a private temporary folder, removed at once."""
+    with tempfile.TemporaryDirectory(prefix="teemesh-tls-") as folder:
+        cert_path, key_path = Path(folder) / "cert.pem", Path(folder) / "key.pem"
+        cert_path.write_text(cert_pem(cert))
+        key_path.touch(mode=0o600)
+        key_path.write_text(key_pem(key))
+        context.load_cert_chain(cert_path, key_path)

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from teemesh.attest.dcap import CollateralStore
+from teemesh.cli._options import agent_option, collateral_option, names_option
 from teemesh.cli._output import fail, stderr, stdout, table
 from teemesh.coordinator.policy import load_cluster_policy
 from teemesh.errors import MeshError
@@ -28,20 +29,9 @@ from teemesh.errors import MeshError
     show_default=True,
     help="Folder for the embedded catalog and this run's TLS files.",
 )
-@click.option(
-    "--agent",
-    "agent_endpoint",
-    help="This CVM's guest agent: socket path or http URL "
-    "(default: $DSTACK_SIMULATOR_ENDPOINT, else /var/run/dstack.sock).",
-)
-@click.option(
-    "--collateral",
-    type=click.Path(exists=True, path_type=Path),
-    help="DCAP collateral file or folder (tee: tdx).",
-)
-@click.option(
-    "--name", "names", multiple=True, help="DNS name or IP for the server certificate (repeatable)."
-)
+@agent_option
+@collateral_option
+@names_option
 def coordinator(
     policy_path: Path,
     listen: str,

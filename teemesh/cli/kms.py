@@ -8,6 +8,7 @@ import click
 
 from teemesh.attest.dcap import CollateralStore
 from teemesh.attest.policy import load_policy
+from teemesh.cli._options import agent_option, collateral_option, names_option
 from teemesh.cli._output import fail, stderr, stdout, table
 from teemesh.cli.kms_auth import auth_simple
 from teemesh.errors import MeshError
@@ -49,12 +50,7 @@ def _authorizer(webhook: str | None, config: Path | None, dev: str | None) -> Bo
     show_default=True,
     help="Folder for the root keys (owner-only) and this run's TLS files.",
 )
-@click.option(
-    "--agent",
-    "agent_endpoint",
-    help="This CVM's guest agent: socket path or http URL "
-    "(default: $DSTACK_SIMULATOR_ENDPOINT, else /var/run/dstack.sock).",
-)
+@agent_option
 @click.option(
     "--policy",
     "policy_path",
@@ -63,11 +59,7 @@ def _authorizer(webhook: str | None, config: Path | None, dev: str | None) -> Bo
     help="Attestation policy file: which quotes are genuine (tee, platform_key). "
     "TCB status and identity are left to boot authorization.",
 )
-@click.option(
-    "--collateral",
-    type=click.Path(exists=True, path_type=Path),
-    help="DCAP collateral file or folder (tee: tdx).",
-)
+@collateral_option
 @click.option("--auth-webhook", help="Boot authorization service URL (POST /bootAuth/app|kms).")
 @click.option(
     "--auth-config",
@@ -82,9 +74,7 @@ def _authorizer(webhook: str | None, config: Path | None, dev: str | None) -> Bo
     metavar="URL",
     help="Without root keys yet, take them from this running KMS (repeatable, tried in order).",
 )
-@click.option(
-    "--name", "names", multiple=True, help="DNS name or IP for the server certificate (repeatable)."
-)
+@names_option
 def serve(
     listen: str,
     state: Path,

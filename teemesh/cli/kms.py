@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -12,9 +13,9 @@ from teemesh.cli._options import agent_option, collateral_option, names_option
 from teemesh.cli._output import fail, stderr, stdout, table
 from teemesh.cli.kms_auth import auth_simple
 from teemesh.errors import MeshError
-from teemesh.platform.bootauth import BootAuthorizer, ConfigAuth, DevAuth, WebhookAuth
-from teemesh.platform.kms import Verifier, ca_public_key_id
-from teemesh.platform.kms_setup import prepare
+
+if TYPE_CHECKING:
+    from teemesh.platform.bootauth import BootAuthorizer
 
 
 @click.group()
@@ -32,6 +33,8 @@ def _authorizer(webhook: str | None, config: Path | None, dev: str | None) -> Bo
             "choose exactly one boot authorization: --auth-webhook URL, --auth-config FILE "
             "(built-in auth-simple) or --auth-dev GATEWAY_APP_ID (allows every boot)"
         )
+    from teemesh.platform.bootauth import ConfigAuth, DevAuth, WebhookAuth  # noqa: PLC0415
+
     if webhook is not None:
         return WebhookAuth(webhook)
     if config is not None:
@@ -88,8 +91,11 @@ def serve(
     names: tuple[str, ...],
 ) -> None:
     """Serve dstack's KMS API over TLS with an RA-TLS certificate."""
+    # Imported here: the HTTP stack costs every other teemesh command ~0.5 s at start-up.
     from teemesh.platform.agent_client import AgentClient  # noqa: PLC0415
+    from teemesh.platform.kms import Verifier, ca_public_key_id  # noqa: PLC0415
     from teemesh.platform.kms_http import create_app  # noqa: PLC0415
+    from teemesh.platform.kms_setup import prepare  # noqa: PLC0415
     from teemesh.platform.prpc import bind_tcp, run_app  # noqa: PLC0415
 
     agent = AgentClient(agent_endpoint)

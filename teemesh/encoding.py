@@ -5,6 +5,7 @@ from __future__ import annotations
 import binascii
 import json
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from teemesh.errors import InputError
@@ -35,6 +36,14 @@ def parse_hex(
     if max_size is not None and len(data) > max_size:
         raise error(f"at most {max_size} bytes allowed, got {len(data)}", field=field)
     return data
+
+
+def string_field(doc: Mapping[str, Any], name: str, *, field: str) -> str:
+    """``doc[name]`` as a string; missing or another type names ``field.name``."""
+    value = doc.get(name)
+    if not isinstance(value, str):
+        raise InputError("missing or not a string", field=f"{field}.{name}")
+    return value
 
 
 def is_hex_text(data: bytes) -> bool:

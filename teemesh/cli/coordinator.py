@@ -43,15 +43,12 @@ def coordinator(
     """Admit attested sidecars and issue their mesh certificates (SVIDs)."""
     # Imported here: the HTTP stack costs every other teemesh command at start-up.
     from teemesh.catalog.sqlite import SqliteStore  # noqa: PLC0415
-    from teemesh.coordinator.client import COORDINATOR_USAGE  # noqa: PLC0415
     from teemesh.coordinator.http import create_app  # noqa: PLC0415
     from teemesh.coordinator.service import Coordinator  # noqa: PLC0415
-    from teemesh.fsutil import write_private  # noqa: PLC0415
-    from teemesh.identity.certs import cert_pem, key_pem  # noqa: PLC0415
-    from teemesh.identity.meshca import GET_KEY_PATH, mesh_ca_cert, mesh_ca_key  # noqa: PLC0415
-    from teemesh.identity.ratls import issue_ratls_server_cert, spki_der  # noqa: PLC0415
+    from teemesh.coordinator.setup import prepare  # noqa: PLC0415
+    from teemesh.identity.ratls import spki_der  # noqa: PLC0415
     from teemesh.platform.agent_client import AgentClient  # noqa: PLC0415
-    from teemesh.platform.prpc import TlsFiles, bind_tcp, run_app  # noqa: PLC0415
+    from teemesh.platform.prpc import bind_tcp, run_app  # noqa: PLC0415
 
     try:
         policy = load_cluster_policy(policy_path)
@@ -60,15 +57,7 @@ def coordinator(
         host = sock.getsockname()[0]
         with AgentClient(agent_endpoint) as agent:
             stderr.print("coordinator: deriving the mesh CA through the guest agent")
-            ca_key = mesh_ca_key(agent.get_key(GET_KEY_PATH, "mesh-ca"))
-            ca_cert = mesh_ca_cert(ca_key, policy.cluster)
-            cert, key = issue_ratls_server_cert(
-                agent.attest, ca_key, ca_cert, names=names or (host,),
-                usage=COORDINATOR_USAGE, organization="teemesh",
-            )  # fmt: skip
-        tls = TlsFiles(state / "rpc.crt", state / "rpc.key")
-        write_private(tls.cert_chain, (cert_pem(cert) + cert_pem(ca_cert)).encode())
-        write_private(tls.key, key_pem(key).encode())
+            ident = prepare(policy.cluster, agent, state, names or (host,))
     except MeshError as exc:
         fail(exc)
     except OSError as exc:
@@ -76,7 +65,7 @@ def coordinator(
 
     async def make() -> Coordinator:
         store = await SqliteStore.open(state / "catalog.db")
-        return Coordinator(policy, store, ca_key, ca_cert, store_collateral)
+        return Coordinator(policy, store, ident.ca_key, ident.ca_cert, store_collateral)
 
     app = create_app(make)
     stdout.print(table("teemesh coordinator", [
@@ -84,10 +73,10 @@ def coordinator(
         ("cluster", policy.cluster),
         ("tee", policy.tee),
         ("groups", ", ".join(policy.groups) or "-"),
-        ("mesh CA key", spki_der(ca_key.public_key()).hex()[-64:]),
+        ("mesh CA key", spki_der(ident.ca_key.public_key()).hex()[-64:]),
         ("catalog", state / "catalog.db"),
     ]))  # fmt: skip
     try:
-        run_app(app, [sock], tls)
+        run_app(app, [sock], ident.tls)
     finally:
         sock.close()

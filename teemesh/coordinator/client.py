@@ -49,14 +49,9 @@ class AdmissionClient:
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         status, doc = self.https.post(path, body)
-        if status == 403 and isinstance(doc, dict) and isinstance(doc.get("reasons"), list):
-            raise AdmissionRefused(
-                tuple(
-                    Refusal(Reason(r["code"]), str(r.get("message", "")))
-                    for r in doc["reasons"]
-                    if isinstance(r, dict) and r.get("code") in Reason.__members__
-                )
-            )
+        refusals = _refusals(doc) if status == 403 else ()
+        if refusals:
+            raise AdmissionRefused(refusals)
         if status != 200 or not isinstance(doc, dict):
             detail = doc.get("error") if isinstance(doc, dict) else doc
             raise PeerError(f"coordinator {self.https.url}{path}: HTTP {status}: {detail!s:.300}")
@@ -86,6 +81,17 @@ class AdmissionClient:
             },
         )
         return _svid(reply, key, spiffe_id(cluster, group, peer_id))
+
+
+def _refusals(doc: Any) -> tuple[Refusal, ...]:
+    """The reasons of a 403; codes we do not know make it a plain peer error instead."""
+    reasons = doc.get("reasons") if isinstance(doc, dict) else None
+    if not isinstance(reasons, list):
+        return ()
+    known = [r for r in reasons if isinstance(r, dict) and r.get("code") in Reason.__members__]
+    if len(known) != len(reasons):
+        return ()
+    return tuple(Refusal(Reason(r["code"]), str(r.get("message", ""))) for r in known)
 
 
 def _svid(reply: dict[str, Any], key: ec.EllipticCurvePrivateKey, expected: str) -> Svid:

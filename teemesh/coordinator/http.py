@@ -21,7 +21,7 @@ from teemesh.coordinator.service import AdmissionRefused, Coordinator
 from teemesh.encoding import load_json
 from teemesh.errors import InputError, MeshError
 from teemesh.identity.certs import cert_pem
-from teemesh.platform.prpc import MAX_BODY
+from teemesh.platform.prpc import read_body
 
 
 def _log(message: str) -> None:
@@ -33,10 +33,7 @@ def _bad(exc: InputError) -> JSONResponse:
 
 
 async def _json_body(request: Request) -> Any:
-    body = await request.body()
-    if len(body) > MAX_BODY:
-        raise InputError(f"request body over {MAX_BODY} bytes", field="body")
-    return load_json(body, field="body")
+    return load_json(await read_body(request), field="body")
 
 
 Factory = Callable[[], Awaitable[Coordinator]]

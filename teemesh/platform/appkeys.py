@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from teemesh.attest.dstack import KeyProvider
-from teemesh.encoding import load_json, parse_hex
+from teemesh.encoding import load_json, parse_hex, string_field
 from teemesh.errors import InputError
 from teemesh.identity.certs import (
     CertSpec,
@@ -126,10 +126,7 @@ def keys_from_kms(reply: Any, root_ca: x509.Certificate) -> AgentKeys:
         raise InputError("expected a JSON object", field="GetAppKey")
 
     def text(name: str) -> str:
-        value = reply.get(name)
-        if not isinstance(value, str):
-            raise InputError("missing or not a string", field=f"GetAppKey.{name}")
-        return value
+        return string_field(reply, name, field="GetAppKey")
 
     def hexfield(name: str, size: int) -> bytes:
         return parse_hex(text(name), field=f"GetAppKey.{name}", size=size)

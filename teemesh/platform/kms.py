@@ -24,7 +24,7 @@ from teemesh.attest.evidence import vm_config_os_image_hash
 from teemesh.attest.policy import TCB_STATUSES, Policy
 from teemesh.attest.simulated import image_matches
 from teemesh.attest.verify import Verdict
-from teemesh.encoding import load_json, parse_hex
+from teemesh.encoding import load_json, parse_hex, string_field
 from teemesh.errors import InputError, Refused
 from teemesh.fsutil import write_private
 from teemesh.identity.certs import (
@@ -79,10 +79,7 @@ class RootKeys:
             raise InputError("expected a JSON object", field=field)
 
         def text(name: str) -> str:
-            value = doc.get(name)
-            if not isinstance(value, str):
-                raise InputError("missing or not a string", field=f"{field}.{name}")
-            return value
+            return string_field(doc, name, field=field)
 
         k256_key = parse_hex(text("k256_key"), field=f"{field}.k256_key", size=32)
         try:

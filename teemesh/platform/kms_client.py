@@ -119,8 +119,8 @@ def fetch_app_keys(
     A refusal is final: every replica applies the same authorization.
     """
     failures = []
+    args = {"api_version": 1, "vm_config": json.dumps(cvm.vm_config())}
     for url in urls:
-        args = {"api_version": 1, "vm_config": json.dumps(cvm.vm_config())}
         try:
             reply, root_ca = request_with_attestation(
                 url, server_check, cvm.attestation, "GetAppKey", args

@@ -2,7 +2,8 @@
 
 Files under the state folder, all written owner-only via temporary file and rename:
 ``root-keys.json`` (the roots: never rewritten once present), ``rpc.crt``/``rpc.key`` (this
-run's server certificate and key) and ``temp-ca.crt`` (the CA client certificates chain to).
+run's server certificate and key) and ``client-ca.crt`` (the temp CA client certificates chain
+to).
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from pathlib import Path
 from cryptography import x509
 
 from teemesh.errors import PeerError, Refused
-from teemesh.fsutil import write_private
-from teemesh.identity.certs import cert_pem, key_pem
 from teemesh.platform.bootauth import BootAuthorizer
 from teemesh.platform.kms import (
     ROOT_KEYS_FILE,
@@ -89,10 +88,6 @@ def prepare(
         origin = "bootstrapped"
     progress("issuing the RA-TLS server certificate")
     cert, key = rpc_cert(root, attest, names)
-    tls = TlsFiles(state / "rpc.crt", state / "rpc.key", state / "temp-ca.crt")
-    write_private(tls.cert_chain, (cert_pem(cert) + cert_pem(root.ca_cert)).encode())
-    write_private(tls.key, key_pem(key).encode())
-    assert tls.client_ca is not None
-    write_private(tls.client_ca, cert_pem(root.temp_ca_cert).encode())
+    tls = TlsFiles.write(state, [cert, root.ca_cert], key, client_ca=root.temp_ca_cert)
     service = KmsService(root, authorizer, verifier, self_cert=cert)
     return KmsNode(service, tls, origin)

@@ -20,12 +20,16 @@ from typing import Any
 
 import uvicorn
 import uvloop
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from teemesh.encoding import load_json
 from teemesh.errors import InputError, MeshError, Refused
+from teemesh.fsutil import write_private
+from teemesh.identity.certs import cert_pem, key_pem
 
 MAX_BODY = 1024 * 1024
 PEER_CERT = "peer_cert"
@@ -38,12 +42,17 @@ def error_response(exc: MeshError | str, status: int = 400) -> JSONResponse:
     return JSONResponse({"error": str(exc)}, status_code=status)
 
 
-async def request_arguments(request: Request) -> dict[str, Any]:
-    if request.method == "GET":
-        return dict(request.query_params)
+async def read_body(request: Request) -> bytes:
     body = await request.body()
     if len(body) > MAX_BODY:
         raise InputError(f"request body over {MAX_BODY} bytes", field="body")
+    return body
+
+
+async def request_arguments(request: Request) -> dict[str, Any]:
+    if request.method == "GET":
+        return dict(request.query_params)
+    body = await read_body(request)
     is_json = "json" in request.query_params or "json" in request.headers.get("content-type", "")
     if not body.strip():
         return {}
@@ -81,6 +90,24 @@ class TlsFiles:
     cert_chain: Path
     key: Path
     client_ca: Path | None = None
+
+    @classmethod
+    def write(
+        cls,
+        folder: Path,
+        chain: Sequence[x509.Certificate],
+        key: ec.EllipticCurvePrivateKey,
+        client_ca: x509.Certificate | None = None,
+    ) -> TlsFiles:
+        """This run's server identity as files (ssl loads only files), all owner-only."""
+        ca_path = None
+        if client_ca is not None:
+            ca_path = folder / "client-ca.crt"
+            write_private(ca_path, cert_pem(client_ca).encode())
+        files = cls(folder / "rpc.crt", folder / "rpc.key", ca_path)
+        write_private(files.cert_chain, "".join(cert_pem(c) for c in chain).encode())
+        write_private(files.key, key_pem(key).encode())
+        return files
 
 
 def bind_unix(path: Path) -> socket.socket:

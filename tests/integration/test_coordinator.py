@@ -131,7 +131,7 @@ def test_a_sidecar_refuses_a_coordinator_that_fails_its_pinned_policy(mesh: Mesh
     with agent_cm, AgentClient(str(sock)) as agent:
         with pytest.raises(PeerError, match="COMPOSE_HASH_NOT_ALLOWED"):
             AdmissionClient(mesh.url, wrong, agent).admit("demo", "web", "web-2")
-        # and the nonce of a refused attempt is gone: nothing was sent, nothing consumed
+        # the check failed before any request was sent; the right pin then admits
         svid = AdmissionClient(mesh.url, mesh.pinned, agent).admit("demo", "web", "web-2")
     assert svid.spiffe_id.endswith("/web/web-2")
 

@@ -1,0 +1,38 @@
+"""Bringing a coordinator up: the mesh CA from the guest agent, then its RA-TLS identity.
+
+Nothing secret is stored: the CA key is derived anew at every start (``GetKey``), and the TLS
+key is fresh, bound into a quote of this CVM, and written owner-only for ssl to load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from teemesh.coordinator.client import COORDINATOR_USAGE
+from teemesh.identity.meshca import GET_KEY_PATH, mesh_ca_cert, mesh_ca_key
+from teemesh.identity.ratls import issue_ratls_server_cert
+from teemesh.platform.agent_client import AgentClient
+from teemesh.platform.prpc import TlsFiles
+
+
+@dataclass(frozen=True)
+class CoordinatorIdentity:
+    ca_key: ec.EllipticCurvePrivateKey
+    ca_cert: x509.Certificate
+    tls: TlsFiles
+
+
+def prepare(
+    cluster: str, agent: AgentClient, state: Path, names: tuple[str, ...]
+) -> CoordinatorIdentity:
+    ca_key = mesh_ca_key(agent.get_key(GET_KEY_PATH, "mesh-ca"))
+    ca_cert = mesh_ca_cert(ca_key, cluster)
+    cert, key = issue_ratls_server_cert(
+        agent.attest, ca_key, ca_cert, names=names,
+        usage=COORDINATOR_USAGE, organization="teemesh",
+    )  # fmt: skip
+    return CoordinatorIdentity(ca_key, ca_cert, TlsFiles.write(state, [cert, ca_cert], key))

@@ -160,7 +160,9 @@ def agent(
             line = {"event": name, "payload": base64.b64encode(payload).decode()}
             append_private(events_log, json.dumps(line).encode() + b"\n")
 
-        guest = GuestAgent(cvm, agent_keys, compose, _app_name(compose), on_event=log_event)
+        guest = GuestAgent(
+            cvm, agent_keys, compose, str(settings.get("name", "")), on_event=log_event
+        )
         unix_paths = [p for p in (socket_path, tappd_socket) if p is not None]
         sockets = [bind_unix(p) for p in unix_paths]
         if listen:
@@ -193,10 +195,6 @@ def _compose_settings(compose: bytes) -> dict[str, Any]:
     except ValueError:
         return {}
     return doc if isinstance(doc, dict) else {}
-
-
-def _app_name(compose: bytes) -> str:
-    return str(_compose_settings(compose).get("name", ""))
 
 
 def _keys_from_kms(

@@ -18,20 +18,10 @@ from starlette.concurrency import run_in_threadpool
 from teemesh.encoding import load_json
 from teemesh.errors import InputError, MeshError
 from teemesh.platform.bootauth import BootAuthorizer, BootDecision, BootInfo, BootKind
-from teemesh.platform.prpc import run_app
+from teemesh.platform.prpc import error_response, read_body, run_app
 
 MAX_BODY = 256 * 1024
 DecisionHook = Callable[[BootKind, BootInfo, BootDecision], None]
-
-
-async def _read_body(request: Request) -> bytes:
-    """The request body, refused once it passes MAX_BODY rather than after reading it all."""
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY:
-            raise InputError(f"request body over {MAX_BODY} bytes", field="body")
-    return bytes(body)
 
 
 def _decide(authorizer: BootAuthorizer, info: BootInfo, kind: BootKind) -> BootDecision:
@@ -55,9 +45,9 @@ def create_app(authorizer: BootAuthorizer, *, on_decision: DecisionHook | None =
 
     async def boot(kind: BootKind, request: Request) -> Response:
         try:
-            info = BootInfo.from_json(load_json(await _read_body(request), field="body"))
+            info = BootInfo.from_json(load_json(await read_body(request, MAX_BODY), field="body"))
         except InputError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=400)
+            return error_response(exc)
         # In a worker thread: ConfigAuth reads a file and WebhookAuth waits on the network.
         decision = await run_in_threadpool(_decide, authorizer, info, kind)
         if on_decision is not None:

@@ -42,11 +42,14 @@ def error_response(exc: MeshError | str, status: int = 400) -> JSONResponse:
     return JSONResponse({"error": str(exc)}, status_code=status)
 
 
-async def read_body(request: Request) -> bytes:
-    body = await request.body()
-    if len(body) > MAX_BODY:
-        raise InputError(f"request body over {MAX_BODY} bytes", field="body")
-    return body
+async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
+    """The request body, refused as soon as it passes ``limit`` rather than after reading it all."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise InputError(f"request body over {limit} bytes", field="body")
+    return bytes(body)
 
 
 async def request_arguments(request: Request) -> dict[str, Any]:

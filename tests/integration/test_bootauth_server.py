@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,21 +106,35 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 @pytest.fixture()
+def webhook() -> Iterator[Callable[..., WebhookAuth]]:
+    """WebhookAuth clients that are closed after the test (each holds a connection pool)."""
+    made: list[WebhookAuth] = []
+
+    def make(url: str, timeout: float = 5) -> WebhookAuth:
+        made.append(WebhookAuth(url, timeout=timeout))
+        return made[-1]
+
+    yield make
+    for auth in made:
+        auth.close()
+
+
+@pytest.fixture()
 def live(server: Server) -> Server:
     """The module's server with the good config back in place (tests edit it)."""
     server.write_config(CONFIG)
     return server
 
 
-def test_allows_app_and_kms(live: Server) -> None:
-    auth = WebhookAuth(live.url, timeout=5)
+def test_allows_app_and_kms(live: Server, webhook: Callable[..., WebhookAuth]) -> None:
+    auth = webhook(live.url, timeout=5)
     assert auth.authorize(INFO, "app") == BootDecision(True, "", "0xgateway")
     assert auth.authorize(INFO, "kms") == BootDecision(True, "", "0xgateway")
     assert "bootAuth/app appId=" + APP_ID in live.log.read_text()
 
 
-def test_denies_with_auth_simple_reason(live: Server) -> None:
-    auth = WebhookAuth(live.url + "/", timeout=5)
+def test_denies_with_auth_simple_reason(live: Server, webhook: Callable[..., WebhookAuth]) -> None:
+    auth = webhook(live.url + "/", timeout=5)
     other = BootInfo.from_json({**INFO.to_json(), "composeHash": "00" * 32})
     assert auth.authorize(other, "app") == BootDecision(
         False, "compose hash not allowed", "0xgateway"
@@ -129,8 +143,10 @@ def test_denies_with_auth_simple_reason(live: Server) -> None:
     assert auth.authorize(stale, "kms").reason == "TCB status is not allowed"
 
 
-def test_config_edits_take_effect_at_once(live: Server) -> None:
-    auth = WebhookAuth(live.url, timeout=5)
+def test_config_edits_take_effect_at_once(
+    live: Server, webhook: Callable[..., WebhookAuth]
+) -> None:
+    auth = webhook(live.url, timeout=5)
     assert auth.authorize(INFO, "app").is_allowed
     live.write_config({**CONFIG, "apps": {}})
     assert auth.authorize(INFO, "app").reason == "app not registered"
@@ -139,9 +155,11 @@ def test_config_edits_take_effect_at_once(live: Server) -> None:
     assert auth.info() == AuthInfo(gateway_app_id="0xnew", chain_id=8453)
 
 
-def test_broken_config_denies_with_a_reason(live: Server) -> None:
+def test_broken_config_denies_with_a_reason(
+    live: Server, webhook: Callable[..., WebhookAuth]
+) -> None:
     live.write_config({**CONFIG, "kms": {"mrAggregated": ["0xnothex"]}})
-    decision = WebhookAuth(live.url, timeout=5).authorize(INFO, "kms")
+    decision = webhook(live.url, timeout=5).authorize(INFO, "kms")
     assert not decision.is_allowed
     assert f"{live.config} is invalid: kms.mrAggregated.0: not hex" in decision.reason
     reply = httpx.get(live.url + "/", timeout=5)
@@ -168,24 +186,24 @@ def test_malformed_request_is_400_naming_the_field(live: Server, body: bytes, er
     assert reply.json()["error"].startswith(error), reply.json()
 
 
-def test_non_2xx_fails_closed(live: Server) -> None:
-    decision = WebhookAuth(live.url + "/no/such/prefix", timeout=5).authorize(INFO, "app")
+def test_non_2xx_fails_closed(live: Server, webhook: Callable[..., WebhookAuth]) -> None:
+    decision = webhook(live.url + "/no/such/prefix", timeout=5).authorize(INFO, "app")
     assert not decision.is_allowed
     assert "answered HTTP 404" in decision.reason
 
 
-def test_server_down_fails_closed() -> None:
+def test_server_down_fails_closed(webhook: Callable[..., WebhookAuth]) -> None:
     url = f"http://127.0.0.1:{_free_port()}"
-    decision = WebhookAuth(url, timeout=5).authorize(INFO, "kms")
+    decision = webhook(url, timeout=5).authorize(INFO, "kms")
     assert decision == BootDecision(False, decision.reason, "")
     assert decision.reason.startswith(f"auth webhook {url}/bootAuth/kms failed: ConnectError")
 
 
-def test_silent_server_times_out_and_fails_closed() -> None:
+def test_silent_server_times_out_and_fails_closed(webhook: Callable[..., WebhookAuth]) -> None:
     with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts in the backlog, never answers
         url = f"http://127.0.0.1:{silent.getsockname()[1]}"
         started = time.monotonic()
-        decision = WebhookAuth(url, timeout=0.5).authorize(INFO, "app")
+        decision = webhook(url, timeout=0.5).authorize(INFO, "app")
     assert time.monotonic() - started < 5
     assert not decision.is_allowed and decision.reason.endswith("timed out after 0.5 s")
 

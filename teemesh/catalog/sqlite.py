@@ -142,7 +142,8 @@ class SqliteStore(Store):
 
     async def _delete(self, key: str) -> int | None:
         with self._transaction() as txn:
-            if self._read(key) is None:
+            found = self._conn().execute("SELECT 1 FROM kv WHERE key = ?", (key.encode(),))
+            if found.fetchone() is None:  # no need to read a value of up to 1 MiB
                 return None
             self._erase(txn, key)
         return txn.revision
@@ -198,9 +199,7 @@ class SqliteStore(Store):
                 ttl, expires_at = found
                 now = self._clock.now()
                 if expires_at > now:
-                    db.execute(
-                        "UPDATE lease SET expires_at = ? WHERE id = ?", (now + ttl, lease_id)
-                    )
+                    db.execute(_REFRESH, (now + ttl, lease_id))
                     return Lease(lease_id, ttl)
                 self._end_lease(txn, lease_id)  # ran out, and the reaper has not got to it yet
         raise _lease_not_found(lease_id)
@@ -298,11 +297,11 @@ class SqliteStore(Store):
                 raise
         except sqlite3.Error as exc:
             raise StoreError(StoreErrorReason.UNAVAILABLE, f"SQLite {self.path}: {exc}") from exc
-        if txn.events:
-            self._head = txn.revision
         self._compact_revision = max(self._compact_revision, txn.compact_to)
-        for watch in list(self._watchers):
-            watch.offer(txn.events)
+        if txn.events:  # grants, refreshes and lost compare-and-sets change nothing to watch
+            self._head = txn.revision
+            for watch in list(self._watchers):
+                watch.offer(txn.events)
 
     def _log(self, db: sqlite3.Connection, txn: _Transaction) -> None:
         if txn.events:

@@ -22,7 +22,6 @@ import base64
 import json
 import re
 import ssl
-from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack
 from typing import Any
@@ -40,6 +39,7 @@ from teemesh.catalog.store import (
     StoreError,
     StoreErrorReason,
     Watch,
+    by_revision,
     prefix_end,
 )
 
@@ -115,7 +115,7 @@ class EtcdStore(Store):
         if http is None:
             return
         for watch in list(self._watches):
-            await watch.end(_unavailable("the store was closed"))
+            await watch._end(_unavailable("the store was closed"))
         await http.aclose()
 
     # -- reads --------------------------------------------------------------------------------
@@ -285,26 +285,19 @@ class EtcdStore(Store):
         """A watch reply's events, one tuple per revision."""
         if not isinstance(raw, list):
             raise _malformed("events", TypeError(type(raw).__name__))
-        batches: list[tuple[Event, ...]] = []
-        current: list[Event] = []
-        for item in raw:
-            kv = item.get("kv") if isinstance(item, dict) else None
-            if not isinstance(kv, dict):
-                raise _malformed("event", TypeError(type(kv).__name__))
-            deleted = item.get("type") == "DELETE"  # PUT is the default, left out of the JSON
-            event = Event(
-                EventType.DELETE if deleted else EventType.PUT,
-                self._key(kv.get("key")),
-                b"" if deleted else _unb64(kv.get("value", "")),
-                _int(kv.get("mod_revision")),
-            )
-            if current and current[0].mod_revision != event.mod_revision:
-                batches.append(tuple(current))
-                current = []
-            current.append(event)
-        if current:
-            batches.append(tuple(current))
-        return batches
+        return by_revision(self._event(item) for item in raw)
+
+    def _event(self, item: Any) -> Event:
+        kv = item.get("kv") if isinstance(item, dict) else None
+        if not isinstance(kv, dict):
+            raise _malformed("event", TypeError(type(kv).__name__))
+        deleted = item.get("type") == "DELETE"  # PUT is the default, left out of the JSON
+        return Event(
+            EventType.DELETE if deleted else EventType.PUT,
+            self._key(kv.get("key")),
+            b"" if deleted else _unb64(kv.get("value", "")),
+            _int(kv.get("mod_revision")),
+        )
 
 
 class _EtcdWatch(Watch):
@@ -316,52 +309,34 @@ class _EtcdWatch(Watch):
     """
 
     def __init__(self, store: EtcdStore, prefix: str, start_revision: int | None) -> None:
+        super().__init__(prefix, start_revision)
         self._store = store
-        self._prefix = prefix
-        self._start = start_revision
-        self._next = start_revision  # where a re-created stream starts: after what we hold
         self._stack = AsyncExitStack()
         self._lines: AsyncIterator[str] | None = None
-        self._pending: deque[tuple[Event, ...]] = deque()
-        self._closed = False
-        self._error: StoreError | None = None
 
     async def _open(self) -> None:
         await self._connect()
         self._store._watches.add(self)
 
-    async def __anext__(self) -> tuple[Event, ...]:
-        if self._lines is None:
-            raise _invalid("watch", "enter the watch with 'async with'")
-        while not self._pending:
-            try:
-                result = await self._message(self._store.watch_idle)
-            except TimeoutError:
-                await self._stack.aclose()
-                await self._connect()
-                continue
-            if result.get("canceled"):
-                raise self._cancelled(result)
-            batches = self._store._events(result.get("events", []))
-            if batches:
-                self._next = batches[-1][0].mod_revision + 1
-            self._pending.extend(batches)
-        return self._pending.popleft()
+    async def _receive(self) -> None:
+        try:
+            result = await self._message(self._store.watch_idle)
+        except TimeoutError:
+            await self._stack.aclose()
+            await self._connect()  # from _next: after what is already queued
+            return
+        if result.get("canceled"):
+            raise self._cancelled(result)
+        self._queue(self._store._events(result.get("events", [])))
 
-    async def aclose(self) -> None:
-        self._closed = True
-        self._store._watches.discard(self)
-        await self._stack.aclose()
-
-    async def end(self, error: StoreError) -> None:
-        self._error = error
+    async def _release(self) -> None:
         self._store._watches.discard(self)
         await self._stack.aclose()
 
     async def _connect(self) -> None:
         store = self._store
         create: dict[str, Any] = store._span(self._prefix)
-        if self._next is not None:
+        if self._next:
             create["start_revision"] = self._next
         self._stack = AsyncExitStack()
         try:
@@ -386,7 +361,7 @@ class _EtcdWatch(Watch):
         except BaseException:
             await self._stack.aclose()
             raise
-        if self._next is None:
+        if not self._next:
             self._next = _revision(created) + 1  # "from now" is after etcd's revision at creation
 
     async def _message(self, timeout: float) -> dict[str, Any]:
@@ -397,10 +372,9 @@ class _EtcdWatch(Watch):
             while not line.strip():
                 line = await asyncio.wait_for(anext(self._lines), timeout)
         except (StopAsyncIteration, httpx.HTTPError, httpx.StreamError) as exc:
-            if self._closed:
-                raise StopAsyncIteration from None
-            if self._error is not None:
-                raise self._error from None
+            ending = self._ending()  # closed or ended meanwhile: say so, not "stream ended"
+            if ending is not None:
+                raise ending from None
             raise _unavailable(f"the watch stream ended: {exc or type(exc).__name__}") from exc
         try:
             message = json.loads(line)

@@ -25,7 +25,6 @@ import math
 import os
 import secrets
 import sqlite3
-from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,6 +41,7 @@ from teemesh.catalog.store import (
     StoreError,
     StoreErrorReason,
     Watch,
+    by_revision,
     prefix_end,
 )
 from teemesh.clock import Clock, SystemClock
@@ -110,7 +110,7 @@ class SqliteStore(Store):
         if db is None:
             return
         for watch in list(self._watchers):
-            watch.end(StoreError(StoreErrorReason.UNAVAILABLE, "the store was closed"))
+            await watch._end(StoreError(StoreErrorReason.UNAVAILABLE, "the store was closed"))
         if self._reaper is not None:
             self._reaper.cancel()
             await asyncio.wait({self._reaper})
@@ -261,17 +261,10 @@ class SqliteStore(Store):
             f" WHERE revision >= ? AND {where} ORDER BY revision, key",
             (start, *args),
         )
-        batches: list[tuple[Event, ...]] = []
-        current: list[Event] = []
-        for revision, key, deleted, value in rows:
-            if current and current[0].mod_revision != revision:
-                batches.append(tuple(current))
-                current = []
-            kind = EventType.DELETE if deleted else EventType.PUT
-            current.append(Event(kind, key.decode(), value, revision))
-        if current:
-            batches.append(tuple(current))
-        return batches
+        return by_revision(
+            Event(EventType.DELETE if deleted else EventType.PUT, key.decode(), value, revision)
+            for revision, key, deleted, value in rows
+        )
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -365,26 +358,21 @@ class _Transaction:
 
 
 class _SqliteWatch(Watch):
+    """Fed by the store after each commit; past MAX_PENDING queued batches it rereads history."""
+
     def __init__(self, store: SqliteStore, prefix: str, start_revision: int | None) -> None:
+        super().__init__(prefix, start_revision)
         self._store = store
-        self._prefix = prefix
-        self._start = start_revision
-        self._pending: deque[tuple[Event, ...]] = deque()
-        self._next = 0  # the first revision not yet handed out
         self._floor = 0  # the first revision this watch may hand out
         self._lagging = False
-        self._opened = False
-        self._closed = False
-        self._error: StoreError | None = None
         self._wakeup: asyncio.Future[None] | None = None
 
     async def _open(self) -> None:
         store = self._store
         store._conn()
         self._next = self._floor = self._start or store._head + 1
-        self._pending.extend(store._replay(self._prefix, self._next))
+        self._queue(store._replay(self._prefix, self._next))
         store._watchers.add(self)
-        self._opened = True
 
     def offer(self, events: list[Event]) -> None:
         """Called after each commit (no await in between): queue the matching events."""
@@ -394,41 +382,24 @@ class _SqliteWatch(Watch):
         if len(self._pending) >= MAX_PENDING:
             self._lagging = True  # reread history once the queue is drained
         else:
-            self._pending.append(batch)
+            self._queue((batch,))
         self._wake()
 
-    def end(self, error: StoreError) -> None:
-        self._error = error
-        self._store._watchers.discard(self)
-        self._wake()
-
-    async def __anext__(self) -> tuple[Event, ...]:
-        if not self._opened:
-            raise StoreError(StoreErrorReason.INVALID_ARGUMENT, "enter the watch with 'async with'")
-        while True:
-            if self._pending:
-                batch = self._pending.popleft()
-                self._next = batch[0].mod_revision + 1
-                return batch
-            if self._closed:
-                raise StopAsyncIteration
-            if self._error is not None:
-                raise self._error
-            if self._lagging:
-                self._lagging = False
-                try:
-                    self._pending.extend(self._store._replay(self._prefix, self._next))
-                except StoreError as exc:
-                    self.end(exc)
-                continue
-            self._wakeup = asyncio.get_running_loop().create_future()
+    async def _receive(self) -> None:
+        if self._lagging:
+            self._lagging = False
             try:
-                await self._wakeup
-            finally:
-                self._wakeup = None
+                self._queue(self._store._replay(self._prefix, self._next))
+            except StoreError as exc:
+                await self._end(exc)
+            return
+        self._wakeup = asyncio.get_running_loop().create_future()
+        try:
+            await self._wakeup
+        finally:
+            self._wakeup = None
 
-    async def aclose(self) -> None:
-        self._closed = True
+    async def _release(self) -> None:
         self._store._watchers.discard(self)
         self._wake()
 

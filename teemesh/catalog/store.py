@@ -29,8 +29,12 @@ underscore primitive (Patroni's template methods).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from itertools import groupby
+from operator import attrgetter
 from types import TracebackType
 from typing import Self, TypeGuard
 
@@ -128,12 +132,25 @@ class Watch(ABC):
     Use it as ``async with store.watch(prefix) as changes: async for events in changes: ...``;
     entering it registers the watch, so no change after that (or after ``start_revision``) is
     missed. It raises ``StoreError`` when it cannot go on: ``COMPACTED`` (on entering, or while
-    iterating on etcd) or ``UNAVAILABLE`` (backend lost or store closed); resume from the last
-    batch's revision + 1.
+    iterating once it fell behind the retained history) or ``UNAVAILABLE`` (backend lost or
+    store closed); resume from the last batch's revision + 1.
+
+    The queue, closing and ending are here; a backend only says how batches arrive
+    (``_open``, ``_receive``) and what to let go of when the watch stops (``_release``).
     """
+
+    def __init__(self, prefix: str, start_revision: int | None) -> None:
+        self._prefix = prefix
+        self._start = start_revision
+        self._next = start_revision or 0  # where to resume after what is queued; 0: from now
+        self._pending: deque[tuple[Event, ...]] = deque()
+        self._opened = False
+        self._closed = False
+        self._error: StoreError | None = None
 
     async def __aenter__(self) -> Self:
         await self._open()
+        self._opened = True
         return self
 
     async def __aexit__(
@@ -144,15 +161,47 @@ class Watch(ABC):
     def __aiter__(self) -> Self:
         return self
 
-    @abstractmethod
-    async def __anext__(self) -> tuple[Event, ...]: ...
+    async def __anext__(self) -> tuple[Event, ...]:
+        if not self._opened:
+            raise _invalid("watch", "enter the watch with 'async with'")
+        while not self._pending:
+            ending = self._ending()
+            if ending is not None:
+                raise ending
+            await self._receive()
+        return self._pending.popleft()
 
-    @abstractmethod
-    async def _open(self) -> None: ...
-
-    @abstractmethod
     async def aclose(self) -> None:
         """Stop watching; iteration then ends. Safe to call twice."""
+        self._closed = True
+        await self._release()
+
+    async def _end(self, error: StoreError) -> None:
+        """Stop watching because of ``error``, which iteration then raises."""
+        self._error = error
+        await self._release()
+
+    def _queue(self, batches: Sequence[tuple[Event, ...]]) -> None:
+        """Hold batches for iteration; the backend resumes from ``_next`` after them."""
+        if batches:
+            self._pending.extend(batches)
+            self._next = batches[-1][0].mod_revision + 1
+
+    def _ending(self) -> BaseException | None:
+        """What iteration raises once queued batches are out: closed, or the ending error."""
+        return StopAsyncIteration() if self._closed else self._error
+
+    @abstractmethod
+    async def _open(self) -> None:
+        """Register the watch with the backend, queueing any history it starts from."""
+
+    @abstractmethod
+    async def _receive(self) -> None:
+        """Wait for more batches and queue them; returning with none only means another call."""
+
+    @abstractmethod
+    async def _release(self) -> None:
+        """Unregister the watch and wake or stop whatever waits for batches."""
 
 
 class Store(ABC):
@@ -300,6 +349,11 @@ def check_revision(revision: object, field: str) -> int:
     if not _is_int(revision) or not 1 <= revision <= MAX_INT64:
         raise _invalid(field, "must be a positive revision")
     return revision
+
+
+def by_revision(events: Iterable[Event]) -> list[tuple[Event, ...]]:
+    """Events in revision order as watch batches: one tuple per revision."""
+    return [tuple(batch) for _, batch in groupby(events, key=attrgetter("mod_revision"))]
 
 
 def prefix_end(prefix: bytes) -> bytes | None:

@@ -536,6 +536,20 @@ async def test_sqlite_slow_watcher_catches_up_from_history(tmp_path: Path) -> No
         assert seen == written
 
 
+async def test_sqlite_slow_watcher_buffers_at_most_max_pending(tmp_path: Path) -> None:
+    """Past MAX_PENDING it rereads history, so a history compacted meanwhile is COMPACTED."""
+    async with await SqliteStore.open(tmp_path / "c.db", history=10) as store:
+        async with store.watch("") as changes:
+            written = [await store.put("k", b"") for _ in range(MAX_PENDING + 20)]
+            seen = [(await next_batch(changes))[0].mod_revision for _ in range(MAX_PENDING)]
+            assert seen == written[:MAX_PENDING]
+            with pytest.raises(StoreError) as info:
+                await next_batch(changes)
+        assert reason(info) is StoreErrorReason.COMPACTED
+        assert info.value.compact_revision is not None
+        assert info.value.compact_revision > written[MAX_PENDING]
+
+
 # -- etcd only: the namespace and the endpoints ---------------------------------------------------
 
 

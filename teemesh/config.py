@@ -34,10 +34,10 @@ def parse_model(model: type[M], data: Any, *, source: str) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(source, [_describe(err) for err in exc.errors()]) from exc
+        raise ConfigError(source, [describe_error(err) for err in exc.errors()]) from exc
 
 
-def _describe(err: Any) -> str:
+def describe_error(err: Any) -> str:
     path = ".".join(str(part) for part in err["loc"]) or "(top level)"
     message = str(err["msg"]).removeprefix("Value error, ")
     return f"{path}: {message}"

@@ -50,6 +50,7 @@ class Reason(StrEnum):
     GROUP_NOT_ALLOWED = "GROUP_NOT_ALLOWED"
     PEER_ID_NOT_ALLOWED = "PEER_ID_NOT_ALLOWED"
     PEER_ID_IN_USE = "PEER_ID_IN_USE"
+    PEER_REVOKED = "PEER_REVOKED"
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,25 @@ from teemesh.errors import MeshError
     show_default=True,
     help="Folder for the embedded catalog and this run's TLS files.",
 )
+@click.option(
+    "--store",
+    "store_kind",
+    type=click.Choice(["embedded", "etcd"]),
+    default="embedded",
+    show_default=True,
+    help="The catalog: SQLite in STATE, or an etcd cluster shared by several coordinators.",
+)
+@click.option(
+    "--etcd-endpoints",
+    default="http://127.0.0.1:2379",
+    show_default=True,
+    help="Comma-separated etcd client URLs (--store etcd).",
+)
+@click.option(
+    "--admin-token-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Bearer token for the admin API (default: STATE/admin.token, created owner-only).",
+)
 @agent_option
 @collateral_option
 @names_option
@@ -36,14 +55,22 @@ def coordinator(
     policy_path: Path,
     listen: str,
     state: Path,
+    store_kind: str,
+    etcd_endpoints: str,
+    admin_token_file: Path | None,
     agent_endpoint: str | None,
     collateral: Path | None,
     names: tuple[str, ...],
 ) -> None:
-    """Admit attested sidecars and issue their mesh certificates (SVIDs)."""
+    """Admit attested sidecars, issue their mesh certificates (SVIDs), serve the catalog.
+
+    SIGHUP (or the admin API) reloads the policy file; what the new policy no longer admits is
+    revoked at once and published on the catalog's revocation list.
+    """
     # Imported here: the HTTP stack costs every other teemesh command at start-up.
-    from teemesh.catalog.sqlite import SqliteStore  # noqa: PLC0415
+    from teemesh.catalog.store import Store  # noqa: PLC0415
     from teemesh.coordinator.http import create_app  # noqa: PLC0415
+    from teemesh.coordinator.http_admin import AdminAuth  # noqa: PLC0415
     from teemesh.coordinator.service import Coordinator  # noqa: PLC0415
     from teemesh.coordinator.setup import prepare  # noqa: PLC0415
     from teemesh.identity.ratls import spki_der  # noqa: PLC0415
@@ -52,6 +79,9 @@ def coordinator(
 
     try:
         policy = load_cluster_policy(policy_path)
+        admin = AdminAuth.from_file(
+            admin_token_file or state / "admin.token", create=admin_token_file is None
+        )
         store_collateral = CollateralStore.open(collateral) if collateral else None
         sock = bind_tcp(listen)
         host = sock.getsockname()[0]
@@ -63,18 +93,35 @@ def coordinator(
     except OSError as exc:
         fail(f"cannot start the coordinator: {exc}")
 
+    async def open_store() -> Store:
+        if store_kind == "etcd":
+            from teemesh.catalog.etcd import EtcdStore, cluster_prefix  # noqa: PLC0415
+
+            endpoints = [e.strip() for e in etcd_endpoints.split(",") if e.strip()]
+            return await EtcdStore.open(endpoints, prefix=cluster_prefix(policy.cluster))
+        from teemesh.catalog.sqlite import SqliteStore  # noqa: PLC0415
+
+        return await SqliteStore.open(state / "catalog.db")
+
     async def make() -> Coordinator:
-        store = await SqliteStore.open(state / "catalog.db")
+        store = await open_store()
         return Coordinator(policy, store, ident.ca_key, ident.ca_cert, store_collateral)
 
-    app = create_app(make)
+    app = create_app(
+        make,
+        admin=admin,
+        policy_source=lambda: load_cluster_policy(policy_path),
+        reload_on_sighup=True,
+    )
     stdout.print(table("teemesh coordinator", [
         ("listen", f"https://{host}:{sock.getsockname()[1]}"),
         ("cluster", policy.cluster),
         ("tee", policy.tee),
         ("groups", ", ".join(policy.groups) or "-"),
         ("mesh CA key", spki_der(ident.ca_key.public_key()).hex()[-64:]),
-        ("catalog", state / "catalog.db"),
+        ("catalog", etcd_endpoints if store_kind == "etcd" else state / "catalog.db"),
+        ("admin token", admin_token_file or state / "admin.token"),
+        ("mesh CA", ident.ca_file),
     ]))  # fmt: skip
     try:
         run_app(app, [sock], ident.tls)

@@ -23,6 +23,7 @@ from teemesh.attest.evidence import Evidence, load_evidence
 from teemesh.attest.policy import Reason, Refusal
 from teemesh.attest.verify import verify_evidence
 from teemesh.coordinator.policy import NAME, ClusterPolicy
+from teemesh.coordinator.records import check_peer
 from teemesh.encoding import parse_hex
 from teemesh.errors import InputError
 from teemesh.identity.ratls import spki_der
@@ -112,7 +113,10 @@ class Admitted:
     """What the verified evidence established about the peer."""
 
     identity: DstackIdentity
+    tee: str
     tcb_status: str
+    advisory_ids: tuple[str, ...]
+    mr_system: bytes
 
 
 def check_admission(
@@ -123,16 +127,9 @@ def check_admission(
     now: int,
 ) -> Admitted | tuple[Refusal, ...]:
     """Group and peer rules, then the quote with report_data bound to this very request."""
-    group = policy.groups.get(request.group)
-    if group is None:
-        return (Refusal(Reason.GROUP_NOT_ALLOWED, f"no group {request.group!r} in this cluster"),)
-    if group.peer_ids is not None and request.peer_id not in group.peer_ids:
-        return (
-            Refusal(
-                Reason.PEER_ID_NOT_ALLOWED,
-                f"peer id {request.peer_id!r} is not allowed in group {request.group!r}",
-            ),
-        )
+    refusal = check_peer(policy, request.group, request.peer_id)
+    if refusal is not None:
+        return (refusal,)
     bound = admission_report_data(
         policy.cluster, request.group, request.peer_id, request.nonce, request.public_key
     )
@@ -143,4 +140,10 @@ def check_admission(
     identity = verdict.analysis.identity
     if identity.app_id is None or identity.instance_id is None:
         return (Refusal(Reason.QUOTE_INVALID, "the event log measures no app id or instance id"),)
-    return Admitted(identity, verdict.tcb_status or "")
+    return Admitted(
+        identity,
+        verdict.tee,
+        verdict.tcb_status or "",
+        verdict.advisory_ids,
+        verdict.analysis.measurements.mr_system,
+    )

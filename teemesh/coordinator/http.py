@@ -1,13 +1,17 @@
-"""HTTP edge of the coordinator: the admission API (JSON over TLS with an RA-TLS certificate).
+"""HTTP edge of the coordinator: admission, the catalog for sidecars, and the admin API.
 
-400 ``{"error", "field"}`` for malformed input, 403 ``{"error": "refused", "reasons": [{code,
-message}]}`` for a refusal (logged with the peer it concerns), never a 500 for anything a
-client sends.
+One TLS port with an RA-TLS certificate. Admission needs no client certificate; the catalog
+needs the peer's SVID (verified by TLS against the mesh CA, then by ``Catalog.authenticate``);
+the admin API needs the admin bearer token. Errors map from the exception class, once, here:
+400 ``{"error", "field"}`` malformed, 401 no SVID, 403 refused, 404/410 not registered, 503
+store trouble. Nothing a client sends yields a 500.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -17,71 +21,126 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from teemesh.coordinator.admission import AdmissionRequest
+from teemesh.coordinator.catalog import Catalog, NotRegistered, Unauthenticated
+from teemesh.coordinator.http_admin import (
+    AdminAuth,
+    AdminDenied,
+    PolicySource,
+    add_admin_routes,
+    reload_policy,
+)
+from teemesh.coordinator.http_catalog import add_catalog_routes
+from teemesh.coordinator.http_util import Log, coordinator_of, json_body
 from teemesh.coordinator.service import AdmissionRefused, Coordinator
-from teemesh.encoding import load_json
-from teemesh.errors import InputError, MeshError
+from teemesh.errors import InputError, MeshError, Refused
 from teemesh.identity.certs import cert_pem
-from teemesh.platform.prpc import read_body
+
+Factory = Callable[[], Awaitable[Coordinator]]
 
 
 def _log(message: str) -> None:
     print(f"coordinator: {message}", file=sys.stderr, flush=True)
 
 
-def _bad(exc: InputError) -> JSONResponse:
-    return JSONResponse({"error": str(exc), "field": exc.field}, status_code=400)
+def error_reply(exc: MeshError) -> JSONResponse:
+    """The one mapping from our exceptions to HTTP statuses."""
+    if isinstance(exc, AdmissionRefused):
+        reasons = [r.to_json() for r in exc.refusals]
+        return JSONResponse({"error": "refused", "reasons": reasons}, status_code=403)
+    if isinstance(exc, InputError):
+        return JSONResponse({"error": str(exc), "field": exc.field}, status_code=400)
+    status = 503
+    if isinstance(exc, Unauthenticated | AdminDenied):
+        status = 401
+    elif isinstance(exc, Refused):
+        status = 403
+    elif isinstance(exc, NotRegistered):
+        status = exc.status
+    return JSONResponse({"error": str(exc)}, status_code=status)
 
 
-async def _json_body(request: Request) -> Any:
-    return load_json(await read_body(request), field="body")
+def create_app(
+    make: Factory,
+    *,
+    admin: AdminAuth | None = None,
+    policy_source: PolicySource | None = None,
+    reload_on_sighup: bool = False,
+    log: Log = _log,
+) -> FastAPI:
+    """``make`` runs on the serving event loop, where the async store must be opened.
 
+    With ``reload_on_sighup``, SIGHUP reloads the policy from ``policy_source`` (as the admin
+    API does); a policy file with errors is reported and the policy in force stays.
+    """
+    reloads: set[asyncio.Task[None]] = set()
 
-Factory = Callable[[], Awaitable[Coordinator]]
-
-
-def create_app(make: Factory, log: Callable[[str], None] = _log) -> FastAPI:
-    """``make`` runs on the serving event loop, where the async store must be opened."""
-    holder: list[Coordinator] = []
+    async def reload(coordinator: Coordinator) -> None:
+        assert policy_source is not None
+        try:
+            await reload_policy(coordinator, policy_source, log)
+        except MeshError as exc:
+            log(f"policy reload failed, the policy in force stays: {exc}")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        holder.append(await make())
+        coordinator = await make()
         try:
+            epoch, revoked = await coordinator.start()
+            log(
+                f"policy epoch {epoch.epoch} ({epoch.digest[:12]}) in force, {len(revoked)} revoked"
+            )
+            app.state.coordinator = coordinator
+            app.state.catalog = Catalog(coordinator)
+            if reload_on_sighup and policy_source is not None:
+                loop = asyncio.get_running_loop()
+
+                def on_sighup() -> None:
+                    task = loop.create_task(reload(coordinator))
+                    reloads.add(task)
+                    task.add_done_callback(reloads.discard)
+
+                loop.add_signal_handler(signal.SIGHUP, on_sighup)
             yield
         finally:
-            await holder[0].store.aclose()
+            await coordinator.store.aclose()
 
     app = FastAPI(title="teemesh coordinator", docs_url=None, redoc_url=None, lifespan=lifespan)
 
+    @app.exception_handler(MeshError)
+    async def mesh_error(request: Request, exc: MeshError) -> Response:
+        return error_reply(exc)
+
     @app.post("/v1/admission/challenge")
-    async def challenge() -> dict[str, Any]:
-        return await holder[0].challenge()
+    async def challenge(request: Request) -> dict[str, Any]:
+        return await coordinator_of(request).challenge()
 
     @app.post("/v1/admission/attest")
     async def attest(request: Request) -> Response:
         try:
             # parsing and verifying a quote is CPU work: keep the event loop free meanwhile
-            doc = await _json_body(request)
+            doc = await json_body(request)
             admission = await run_in_threadpool(AdmissionRequest.from_json, doc)
         except InputError as exc:
             log(f"admission: malformed request: {exc}")
-            return _bad(exc)
+            return error_reply(exc)
         peer = f"{admission.group}/{admission.peer_id}"
         try:
-            reply = await holder[0].attest(admission)
+            reply = await coordinator_of(request).attest(admission)
         except AdmissionRefused as exc:
             codes = ",".join(r.code for r in exc.refusals)
             log(f"admission refused for {peer}: {codes}: {exc}")
-            reasons = [r.to_json() for r in exc.refusals]
-            return JSONResponse({"error": "refused", "reasons": reasons}, status_code=403)
+            return error_reply(exc)
         except MeshError as exc:
             log(f"admission failed for {peer}: {exc}")
-            return JSONResponse({"error": str(exc)}, status_code=503)
+            return error_reply(exc)
         log(f"admitted {peer} as {reply['spiffe_id']} until {reply['expires_at']}")
         return JSONResponse(reply)
 
     @app.get("/v1/ca")
-    async def ca() -> dict[str, str]:
-        return {"ca_certificate": cert_pem(holder[0].ca_cert)}
+    async def ca(request: Request) -> dict[str, str]:
+        return {"ca_certificate": cert_pem(coordinator_of(request).ca_cert)}
 
+    add_catalog_routes(app, log)
+    if admin is not None:
+        add_admin_routes(app, admin, policy_source, log)
     return app

@@ -47,6 +47,8 @@ class GroupPolicy(Frozen):
     allowed_advisory_ids: tuple[str, ...] = ()
     peer_ids: tuple[Label, ...] | None = None
     """None admits any peer id; a list admits only those."""
+    services: tuple[Label, ...] = ()
+    """Services this group's peers may register in the catalog; no other group may own them."""
 
 
 class ClusterPolicy(Frozen):
@@ -56,6 +58,8 @@ class ClusterPolicy(Frozen):
     """PEM public key of the simulated platform (tee: simulated only)."""
     svid_ttl_seconds: int = Field(3600, ge=60, le=30 * 24 * 3600)
     nonce_ttl_seconds: int = Field(60, ge=5, le=3600)
+    lease_ttl_seconds: int = Field(15, ge=2, le=300)
+    """A peer's catalog entries vanish this long after its last heartbeat."""
     groups: dict[Label, GroupPolicy] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -63,9 +67,21 @@ class ClusterPolicy(Frozen):
         check_platform_key(self.tee, self.platform_key)
         return self
 
+    @model_validator(mode="after")
+    def _one_owner_per_service(self) -> ClusterPolicy:
+        owners: dict[str, str] = {}
+        for group, rules in self.groups.items():
+            for service in rules.services:
+                if owners.setdefault(service, group) != group:
+                    raise ValueError(
+                        f"groups.{group}.services: {service!r} is already owned by group "
+                        f"{owners[service]}"
+                    )
+        return self
+
     def attest_policy(self, group: str | None) -> Policy:
         """The attestation policy for ``group`` (None: only the cluster-wide quote checks)."""
-        rules = self.groups[group].model_dump(exclude={"peer_ids"}) if group else {}
+        rules = self.groups[group].model_dump(exclude={"peer_ids", "services"}) if group else {}
         return Policy(tee=self.tee, platform_key=self.platform_key, **rules)
 
 

@@ -1,12 +1,10 @@
-"""Admission with state: single-use nonces and one live instance per peer id, in the store.
+"""Admission with state: single-use nonces, one live instance per peer id, and policy epochs.
 
-Both live in the shared store, so with several coordinators on etcd a nonce issued by one is
-accepted once by any other, and two coordinators cannot bind one peer id to two instances
-(every write is a compare-and-set).
-
-Store keys (relative to the cluster's prefix):
-  nonces/<hex>                   {"expires_at"}, on a lease that outlives it slightly
-  admissions/<group>/<peer_id>   {"instance_id", "app_id", "serial", "not_after", ...}
+All of it lives in the shared store (key layout in ``records``), so with several coordinators on
+etcd a nonce issued by one is accepted once by any other, two coordinators cannot bind one peer
+id to two instances (every write is a compare-and-set), and a policy published through one is
+the policy of all: each admission reads the current epoch before checking and again after its
+write, so a peer admitted while a new policy was being published is revoked by one of the two.
 """
 
 from __future__ import annotations
@@ -15,7 +13,7 @@ import asyncio
 import datetime as dt
 import json
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cryptography import x509
@@ -23,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from teemesh.attest.dcap import CollateralStore
 from teemesh.attest.policy import Reason, Refusal
-from teemesh.catalog.store import Store
+from teemesh.catalog.store import Store, StoreError, StoreErrorReason
 from teemesh.clock import Clock, SystemClock
 from teemesh.coordinator.admission import (
     NONCE_LEN,
@@ -32,9 +30,24 @@ from teemesh.coordinator.admission import (
     check_admission,
 )
 from teemesh.coordinator.policy import ClusterPolicy
-from teemesh.errors import Refused
+from teemesh.coordinator.records import (
+    ADMISSIONS,
+    POLICY_KEY,
+    AdmissionRecord,
+    LiveCert,
+    PolicyEpoch,
+    Revocation,
+    admission_key,
+    lease_key,
+    recheck,
+    revocation_key,
+)
+from teemesh.errors import InputError, Refused
 from teemesh.identity.certs import cert_pem
 from teemesh.identity.meshca import issue_svid, spiffe_id
+
+REVOCATION_SLACK = 300
+"""Seconds a revocation outlives its certificate in the store, for clocks that disagree."""
 
 
 class AdmissionRefused(Refused):
@@ -49,14 +62,128 @@ def refuse(code: Reason, message: str) -> AdmissionRefused:
     return AdmissionRefused((Refusal(code, message),))
 
 
+@dataclass(frozen=True)
+class Revoked:
+    group: str
+    peer_id: str
+    serials: tuple[int, ...]
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        serials = [f"{s:x}" for s in self.serials]
+        return {
+            "group": self.group,
+            "peer_id": self.peer_id,
+            "serials": serials,
+            "reason": self.reason,
+        }
+
+
 @dataclass
 class Coordinator:
+    """``policy`` starts as this replica's own; ``start`` publishes it unless it is in force."""
+
     policy: ClusterPolicy
     store: Store
     ca_key: ec.EllipticCurvePrivateKey
     ca_cert: x509.Certificate
     collateral: CollateralStore | None = None
     clock: Clock = field(default_factory=SystemClock)
+    _epoch: tuple[int, PolicyEpoch] | None = None  # (mod_revision, epoch) last read
+
+    async def start(self) -> tuple[PolicyEpoch, tuple[Revoked, ...]]:
+        return await self.publish_policy(self.policy)
+
+    # -- policy epochs ----------------------------------------------------------------------
+
+    async def current(self) -> PolicyEpoch:
+        """The policy in force cluster-wide (one read; parsed again only when it changed)."""
+        held = await self.store.get(POLICY_KEY)
+        if held is None:
+            raise StoreError(StoreErrorReason.UNAVAILABLE, "no policy has been published")
+        if self._epoch is None or self._epoch[0] != held.mod_revision:
+            self._epoch = (held.mod_revision, PolicyEpoch.from_bytes(held.value))
+        self.policy = self._epoch[1].policy
+        return self._epoch[1]
+
+    async def publish_policy(
+        self, policy: ClusterPolicy
+    ) -> tuple[PolicyEpoch, tuple[Revoked, ...]]:
+        """Make ``policy`` the cluster's (a new epoch if it differs); revoke what it refuses."""
+        if policy.cluster != self.policy.cluster:
+            raise InputError(
+                f"the policy is for cluster {policy.cluster!r}, not {self.policy.cluster!r}",
+                field="cluster",
+            )
+        digest = PolicyEpoch.digest_of(policy)
+        while True:
+            held = await self.store.get(POLICY_KEY)
+            previous = PolicyEpoch.from_bytes(held.value) if held else None
+            if previous is not None and previous.digest == digest:
+                epoch = previous
+                break
+            number = previous.epoch + 1 if previous else 1
+            epoch = PolicyEpoch(number, digest, policy, int(self.clock.now()))
+            written = (
+                await self.store.create(POLICY_KEY, epoch.to_bytes())
+                if held is None
+                else await self.store.put_if(
+                    POLICY_KEY, epoch.to_bytes(), mod_revision=held.mod_revision
+                )
+            )
+            if written.succeeded:
+                break
+        await self.current()
+        return epoch, await self.sweep(epoch.policy)
+
+    async def sweep(self, policy: ClusterPolicy) -> tuple[Revoked, ...]:
+        """Revoke every admission ``policy`` would not make; they lose their peer id too."""
+        out = []
+        for kv in (await self.store.range(ADMISSIONS)).kvs:
+            record = AdmissionRecord.from_bytes(kv.value)
+            refusals = recheck(record, policy)
+            if refusals and record.revoked is None:
+                reason = "; ".join(f"{r.code}: {r.message}" for r in refusals)
+                out.append(await self._revoke(record, reason, forget=True))
+        return tuple(out)
+
+    async def revoke_peer(self, group: str, peer_id: str, reason: str) -> Revoked | None:
+        """An administrator's revocation: the instance keeps the peer id but is not let back."""
+        held = await self.store.get(admission_key(group, peer_id))
+        if held is None:
+            return None
+        return await self._revoke(AdmissionRecord.from_bytes(held.value), reason, forget=False)
+
+    async def _revoke(self, record: AdmissionRecord, reason: str, *, forget: bool) -> Revoked:
+        now = self.clock.now()
+        live = record.live_certs(now)
+        for cert in live:
+            entry = Revocation(
+                cert.serial, record.group, record.peer_id, reason, cert.not_after, int(now)
+            )
+            lease = await self.store.grant(int(cert.not_after - now) + REVOCATION_SLACK)
+            await self.store.put(revocation_key(cert.serial), entry.to_bytes(), lease=lease.id)
+        key = admission_key(record.group, record.peer_id)
+        if forget:
+            await self.store.delete(key)
+        else:
+            await self.store.put(key, replace(record, certs=(), revoked=reason).to_bytes())
+        peer_lease = await self.store.get(lease_key(record.group, record.peer_id))
+        if peer_lease is not None:  # its catalog entries go with it
+            try:
+                await self.store.revoke(json.loads(peer_lease.value)["lease"])
+            except StoreError as exc:
+                if exc.reason is not StoreErrorReason.LEASE_NOT_FOUND:
+                    raise
+            await self.store.delete(lease_key(record.group, record.peer_id))
+        return Revoked(record.group, record.peer_id, tuple(c.serial for c in live), reason)
+
+    async def admissions(self) -> list[AdmissionRecord]:
+        return [
+            AdmissionRecord.from_bytes(kv.value) for kv in (await self.store.range(ADMISSIONS)).kvs
+        ]
+
+    # -- admission --------------------------------------------------------------------------
 
     async def challenge(self) -> dict[str, Any]:
         nonce = secrets.token_bytes(NONCE_LEN)
@@ -81,28 +208,42 @@ class Coordinator:
     async def attest(self, request: AdmissionRequest) -> dict[str, Any]:
         """Consume the nonce first, so a refused request cannot be retried with it."""
         await self._consume_nonce(request.nonce)
+        epoch = await self.current()
         now = self.clock.now()
         result = await asyncio.to_thread(  # quote verification is CPU work
-            check_admission, request, self.policy, collateral=self.collateral, now=int(now)
+            check_admission, request, epoch.policy, collateral=self.collateral, now=int(now)
         )
         if not isinstance(result, Admitted):
             raise AdmissionRefused(result)
-        return await self._issue(request, result, now)
+        reply, record = await self._issue(request, result, now)
+        later = await self.current()
+        if later.epoch != epoch.epoch and (refusals := recheck(record, later.policy)):
+            await self._revoke(record, "policy changed during admission", forget=True)
+            raise AdmissionRefused(refusals)
+        return reply
 
     async def _issue(
         self, request: AdmissionRequest, admitted: Admitted, now: float
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], AdmissionRecord]:
         ident = admitted.identity
         assert ident.app_id is not None and ident.instance_id is not None
-        key = f"admissions/{request.group}/{request.peer_id}"
+        key = admission_key(request.group, request.peer_id)
         held = await self.store.get(key)
-        if held is not None:
-            record = json.loads(held.value)
-            if record["instance_id"] != ident.instance_id.hex() and record["not_after"] > now:
+        previous = AdmissionRecord.from_bytes(held.value) if held else None
+        kept: tuple[LiveCert, ...] = ()
+        if previous is not None and previous.instance_id == ident.instance_id.hex():
+            if previous.revoked is not None:
                 raise refuse(
-                    Reason.PEER_ID_IN_USE,
-                    f"peer id {request.peer_id!r} is held by live instance {record['instance_id']}",
+                    Reason.PEER_REVOKED,
+                    f"instance {previous.instance_id} of peer {request.peer_id!r} was revoked: "
+                    f"{previous.revoked}",
                 )
+            kept = previous.live_certs(now)
+        elif previous is not None and previous.live_certs(now):
+            raise refuse(
+                Reason.PEER_ID_IN_USE,
+                f"peer id {request.peer_id!r} is held by live instance {previous.instance_id}",
+            )
         ttl = dt.timedelta(seconds=self.policy.svid_ttl_seconds)
         issued_at = dt.datetime.fromtimestamp(now, dt.UTC)
         spiffe = spiffe_id(self.policy.cluster, request.group, request.peer_id)
@@ -112,26 +253,34 @@ class Coordinator:
             now=issued_at, ttl=ttl,
         )  # fmt: skip
         not_after = int(now + ttl.total_seconds())
-        record = {
-            "instance_id": ident.instance_id.hex(),
-            "app_id": ident.app_id.hex(),
-            "compose_hash": (ident.compose_hash or b"").hex(),
-            "serial": format(cert.serial_number, "x"),
-            "not_after": not_after,
-            "admitted_at": int(now),
-        }
-        body = json.dumps(record).encode()
+        kp = ident.key_provider
+        record = AdmissionRecord(
+            group=request.group,
+            peer_id=request.peer_id,
+            instance_id=ident.instance_id.hex(),
+            app_id=ident.app_id.hex(),
+            compose_hash=(ident.compose_hash or b"").hex(),
+            os_image_hash=(ident.os_image_hash or b"").hex(),
+            key_provider=(kp.name, kp.id) if kp else None,
+            mr_system=admitted.mr_system.hex(),
+            tee=admitted.tee,
+            tcb_status=admitted.tcb_status,
+            advisory_ids=admitted.advisory_ids,
+            admitted_at=int(now),
+            certs=(*kept, LiveCert(cert.serial_number, not_after)),
+        )
         written = (
-            await self.store.create(key, body)
+            await self.store.create(key, record.to_bytes())
             if held is None
-            else await self.store.put_if(key, body, mod_revision=held.mod_revision)
+            else await self.store.put_if(key, record.to_bytes(), mod_revision=held.mod_revision)
         )
         if not written.succeeded:  # another coordinator admitted this peer id meanwhile
             raise refuse(Reason.PEER_ID_IN_USE, f"peer id {request.peer_id!r} was just admitted")
-        return {
+        reply = {
             "spiffe_id": spiffe,
             "certificate": cert_pem(cert),
             "ca_certificate": cert_pem(self.ca_cert),
             "expires_at": not_after,
             "renew_after": int(now + ttl.total_seconds() / 2),
         }
+        return reply, record

@@ -13,6 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from teemesh.coordinator.client import COORDINATOR_USAGE
+from teemesh.identity.certs import cert_pem
 from teemesh.identity.meshca import GET_KEY_PATH, mesh_ca_cert, mesh_ca_key
 from teemesh.identity.ratls import issue_ratls_server_cert
 from teemesh.platform.agent_client import AgentClient
@@ -24,6 +25,8 @@ class CoordinatorIdentity:
     ca_key: ec.EllipticCurvePrivateKey
     ca_cert: x509.Certificate
     tls: TlsFiles
+    ca_file: Path
+    """The mesh CA certificate (public): what admin tools pin, with the coordinator usage."""
 
 
 def prepare(
@@ -35,4 +38,7 @@ def prepare(
         agent.attest, ca_key, ca_cert, names=names,
         usage=COORDINATOR_USAGE, organization="teemesh",
     )  # fmt: skip
-    return CoordinatorIdentity(ca_key, ca_cert, TlsFiles.write(state, [cert, ca_cert], key))
+    tls = TlsFiles.write(state, [cert, ca_cert], key, client_ca=ca_cert)
+    ca_file = state / "mesh-ca.crt"
+    ca_file.write_text(cert_pem(ca_cert))
+    return CoordinatorIdentity(ca_key, ca_cert, tls, ca_file)

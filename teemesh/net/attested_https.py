@@ -47,15 +47,17 @@ class AttestedHttpsClient:
         self.server_check = server_check
         self.usage = usage
         self.timeout = timeout
-        self.context = ssl.create_default_context()
-        self.context.check_hostname = False
-        self.context.verify_mode = ssl.CERT_NONE  # replaced by server_check, below
-        if client_cert is not None:
-            _load_client_cert(self.context, *client_cert)
+        self.context = client_context(client_cert)
         self.server_cert: x509.Certificate | None = None
 
     def post(self, path: str, body: Any) -> tuple[int, Any]:
         """POST JSON; returns the HTTP status and the JSON reply. Failures are PeerErrors."""
+        return self.request("POST", path, body)
+
+    def request(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any]:
+        """One request with an optional JSON body; the status and the JSON reply."""
         where = f"{self.url}{path}"
         conn = http.client.HTTPSConnection(
             self.host, self.port, timeout=self.timeout, context=self.context
@@ -64,14 +66,10 @@ class AttestedHttpsClient:
             conn.connect()
             assert isinstance(conn.sock, ssl.SSLSocket)
             der = conn.sock.getpeercert(binary_form=True)
-            if der is None:
-                raise PeerError(f"{where}: the server sent no certificate")
-            cert = x509.load_der_x509_certificate(der)
-            if self.usage is not None and extension_bytes(cert, OID_CERT_USAGE) != self.usage:
-                raise PeerError(f"the server certificate lacks usage {self.usage.decode()}")
-            self.server_check(cert)
-            self.server_cert = cert
-            conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+            self.server_cert = check_server(der, self.usage, self.server_check)
+            fields = {"Content-Type": "application/json"} if body is not None else {}
+            payload = json.dumps(body) if body is not None else None
+            conn.request(method, path, payload, fields | (headers or {}))
             response = conn.getresponse()
             data = response.read(MAX_REPLY + 1)
         except (OSError, http.client.HTTPException, ValueError) as exc:
@@ -88,13 +86,34 @@ class AttestedHttpsClient:
             raise PeerError(f"{where}: HTTP {response.status}: {exc}") from exc
 
 
-def _load_client_cert(
-    context: ssl.SSLContext, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
-) -> None:
-    """ssl only loads key pairs from files: use a private temporary folder, removed at once."""
+def check_server(
+    der: bytes | None, usage: bytes | None, server_check: ServerCheck
+) -> x509.Certificate:
+    """The server's certificate, if it has ``usage`` and passes ``server_check``; else raises."""
+    if der is None:
+        raise PeerError("the server sent no certificate")
+    cert = x509.load_der_x509_certificate(der)
+    if usage is not None and extension_bytes(cert, OID_CERT_USAGE) != usage:
+        raise PeerError(f"the server certificate lacks usage {usage.decode()}")
+    server_check(cert)
+    return cert
+
+
+def client_context(
+    client_cert: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None,
+) -> ssl.SSLContext:
+    """A client TLS context whose server check is ours (``check_server``), not the web PKI's."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # replaced by check_server after the handshake
+    if client_cert is None:
+        return context
+    # ssl only loads key pairs from files: use a private temporary folder, removed at once
+    cert, key = client_cert
     with tempfile.TemporaryDirectory(prefix="teemesh-tls-") as folder:
         cert_path, key_path = Path(folder) / "cert.pem", Path(folder) / "key.pem"
         cert_path.write_text(cert_pem(cert))
         key_path.touch(mode=0o600)
         key_path.write_text(key_pem(key))
         context.load_cert_chain(cert_path, key_path)
+    return context

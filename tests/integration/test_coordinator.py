@@ -7,18 +7,13 @@ workload CVM's agent quotes the admission binding; the client checks the coordin
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import pytest
-from conftest import vector_path
 from cryptography import x509
-from procs import Proc, free_port, started
+from meshkit import ROGUE_COMPOSE, WEB_COMPOSE, Mesh, group_yaml
 
 from teemesh.attest.dstack import compose_hash
-from teemesh.attest.policy import Policy
-from teemesh.attest.simulated import OsImage, PlatformKey
 from teemesh.coordinator.client import AdmissionClient
 from teemesh.coordinator.service import AdmissionRefused
 from teemesh.errors import PeerError
@@ -27,79 +22,14 @@ from teemesh.platform.agent_client import AgentClient
 
 pytestmark = pytest.mark.integration
 
-OS_IMAGE = "dstack-0.5.7-sim"
-COORDINATOR_COMPOSE = b'{"manifest_version":2,"name":"coordinator","runner":"docker-compose"}'
-WEB_COMPOSE = b'{"manifest_version":2,"name":"web","runner":"docker-compose"}'
-ROGUE_COMPOSE = b'{"manifest_version":2,"name":"rogue","runner":"docker-compose"}'
-
-
-@dataclass
-class Mesh:
-    tmp: Path
-    platform: PlatformKey
-    url: str
-    coordinator: Proc
-    pinned: PinnedPeer
-
-    def agent(self, name: str, compose: bytes, *extra: str):
-        (self.tmp / f"{name}.json").write_bytes(compose)
-        sock = self.tmp / f"{name}.sock"
-        args = [
-            "agent", "--socket", str(sock), "--state", str(self.tmp / name),
-            "--platform-key", str(self.tmp / "platform.key"),
-            "--app-compose", str(self.tmp / f"{name}.json"), "--os-image", OS_IMAGE, *extra,
-        ]  # fmt: skip
-        return started(args, self.tmp / f"{name}.log", sock.exists), sock
-
-
-def _ready(url: str):
-    def ready() -> bool:
-        try:
-            return httpx.get(f"{url}/v1/ca", verify=False, timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    return ready
-
-
-def _coordinator_args(tmp: Path, port: int, agent: Path, state: str) -> list[str]:
-    return [
-        "coordinator", "--policy", str(tmp / "cluster.yaml"), "--listen", f"127.0.0.1:{port}",
-        "--state", str(tmp / state), "--agent", str(agent),
-    ]  # fmt: skip
-
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory) -> Iterator[Mesh]:
-    tmp = tmp_path_factory.mktemp("coordinator")
-    platform = PlatformKey.generate()
-    (tmp / "platform.key").write_bytes(platform.private_pem())
-    (tmp / "platform.pub").write_bytes(platform.public_pem())
-    (tmp / "cluster.yaml").write_text(
-        "cluster: demo\ntee: simulated\nplatform_key: platform.pub\ngroups:\n"
-        f"  web:\n    compose_hashes: [{compose_hash(WEB_COMPOSE).hex()}]\n"
-        f"    os_images: [{OsImage(OS_IMAGE).os_image_hash.hex()}]\n"
-        "    peer_ids: [web-1, web-2]\n"
-    )
-    port = free_port()
-    url = f"https://127.0.0.1:{port}"
-    base = Mesh(tmp, platform, url, None, None)  # type: ignore[arg-type]
-    appkeys = str(vector_path("dstack/simulator/appkeys.json"))
-    agent_cm, agent_sock = base.agent(
-        "coordinator-agent", COORDINATOR_COMPOSE, "--app-keys", appkeys
-    )
-    with agent_cm:
-        args = _coordinator_args(tmp, port, agent_sock, "coordinator")
-        with started(args, tmp / "coordinator.log", _ready(url)) as proc:
-            base.coordinator = proc
-            base.pinned = PinnedPeer(
-                Policy(
-                    tee="simulated",
-                    platform_key=platform.public_pem().decode(),
-                    compose_hashes=(compose_hash(COORDINATOR_COMPOSE).hex(),),
-                )
-            )
-            yield base
+    mesh = Mesh(tmp_path_factory.mktemp("coordinator"))
+    mesh.write_policy(group_yaml("web", WEB_COMPOSE, "peer_ids: [web-1, web-2]"))
+    agent_cm, agent_sock = mesh.coordinator_agent()
+    with agent_cm, mesh.start_coordinator(agent_sock, "coordinator"):
+        yield mesh
 
 
 def test_an_attested_workload_is_admitted(mesh: Mesh) -> None:
@@ -137,15 +67,11 @@ def test_a_sidecar_refuses_a_coordinator_that_fails_its_pinned_policy(mesh: Mesh
 
 
 def test_replicas_with_the_same_app_keys_derive_the_same_mesh_ca(mesh: Mesh) -> None:
-    appkeys = str(vector_path("dstack/simulator/appkeys.json"))
-    agent_cm, sock = mesh.agent("coordinator-agent-2", COORDINATOR_COMPOSE, "--app-keys", appkeys)
-    port = free_port()
-    url = f"https://127.0.0.1:{port}"
-    with agent_cm:
-        args = _coordinator_args(mesh.tmp, port, sock, "coordinator-2")
-        with started(args, mesh.tmp / "coordinator-2.log", _ready(url)):
-            first = httpx.get(f"{mesh.url}/v1/ca", verify=False).json()["ca_certificate"]
-            second = httpx.get(f"{url}/v1/ca", verify=False).json()["ca_certificate"]
+    agent_cm, sock = mesh.coordinator_agent("coordinator-agent-2")
+    with agent_cm, mesh.start_coordinator(sock, "coordinator-2"):
+        first, second = (
+            httpx.get(f"{url}/v1/ca", verify=False).json()["ca_certificate"] for url in mesh.urls
+        )
     a, b = (x509.load_pem_x509_certificate(p.encode()) for p in (first, second))
     assert a.public_key() == b.public_key() and a.subject == b.subject
 

@@ -73,7 +73,9 @@ class World:
     async def __aenter__(self) -> Coordinator:
         self.store = await SqliteStore.open(self.tmp / "catalog.db", clock=self.clock)
         ca = mesh_ca_cert(self.ca_key, self.policy.cluster)
-        return Coordinator(self.policy, self.store, self.ca_key, ca, clock=self.clock)
+        coordinator = Coordinator(self.policy, self.store, self.ca_key, ca, clock=self.clock)
+        await coordinator.start()
+        return coordinator
 
     async def __aexit__(self, *exc: object) -> None:
         await self.store.aclose()

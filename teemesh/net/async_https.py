@@ -1,0 +1,153 @@
+"""Async HTTPS to an attested peer, for long-running roles (sidecars): requests and event streams.
+
+Same rule as ``attested_https``: the server's certificate is checked right after the handshake,
+before a request byte is sent. HTTP/1.1 is spoken with h11 over asyncio streams, one connection
+per request (catalog calls are rare; the watch stream holds its own connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import ssl
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import h11
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from teemesh.encoding import load_json
+from teemesh.errors import InputError, MeshError, PeerError
+from teemesh.net.attested_https import MAX_REPLY, ServerCheck, check_server, client_context
+
+READ_CHUNK = 64 * 1024
+CLOSE_TIMEOUT = 1.0
+
+
+class AsyncAttestedHttps:
+    def __init__(
+        self,
+        url: str,
+        server_check: ServerCheck,
+        *,
+        usage: bytes | None = None,
+        client_cert: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        parts = urlsplit(url)
+        if parts.scheme != "https" or not parts.hostname:
+            raise InputError(f"expected https://HOST[:PORT], got {url!r}", field="url")
+        self.url = url.rstrip("/")
+        self.host, self.port = parts.hostname, parts.port or 443
+        self.server_check = server_check
+        self.usage = usage
+        self.timeout = timeout
+        self.context = client_context(client_cert)
+
+    def use_client_cert(self, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
+        """Present a renewed certificate on the next connections; open ones keep theirs."""
+        self.context = client_context((cert, key))
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(self.host, self.port, ssl=self.context, limit=READ_CHUNK),
+            self.timeout,
+        )
+        try:
+            ssl_object: ssl.SSLObject = writer.get_extra_info("ssl_object")
+            check_server(ssl_object.getpeercert(binary_form=True), self.usage, self.server_check)
+        except BaseException:
+            await close(writer)
+            raise
+        return reader, writer
+
+    async def request(
+        self, method: str, path: str, body: Any = None, headers: Sequence[tuple[str, str]] = ()
+    ) -> tuple[int, Any]:
+        """One request; returns the status and the JSON reply. Failures are PeerErrors."""
+        where = f"{self.url}{path}"
+        try:
+            async with asyncio.timeout(self.timeout):
+                status, chunks = await self._open_exchange(method, path, body, headers)
+                data = bytearray()
+                try:
+                    async for chunk in chunks:
+                        data += chunk
+                        if len(data) > MAX_REPLY:
+                            raise PeerError(f"{where}: reply over {MAX_REPLY} bytes")
+                finally:
+                    await chunks.aclose()  # type: ignore[attr-defined]
+        except (OSError, TimeoutError, h11.ProtocolError, ssl.SSLError) as exc:
+            raise PeerError(f"{where}: {exc or type(exc).__name__}") from exc
+        except MeshError as exc:
+            raise PeerError(f"{where}: {exc}") from exc
+        try:
+            return status, load_json(bytes(data), field=path)
+        except InputError as exc:
+            raise PeerError(f"{where}: HTTP {status}: {exc}") from exc
+
+    async def stream(
+        self, path: str, headers: Sequence[tuple[str, str]] = ()
+    ) -> tuple[int, AsyncIterator[bytes]]:
+        """GET a streaming body: the status, then its chunks as they come (no overall timeout)."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await self._open_exchange("GET", path, None, headers)
+        except (OSError, TimeoutError, h11.ProtocolError, ssl.SSLError) as exc:
+            raise PeerError(f"{self.url}{path}: {exc or type(exc).__name__}") from exc
+        except MeshError as exc:
+            raise PeerError(f"{self.url}{path}: {exc}") from exc
+
+    async def _open_exchange(
+        self, method: str, path: str, body: Any, headers: Sequence[tuple[str, str]]
+    ) -> tuple[int, AsyncIterator[bytes]]:
+        reader, writer = await self._connect()
+        try:
+            conn = h11.Connection(h11.CLIENT)
+            payload = b"" if body is None else json.dumps(body).encode()
+            fields = [("Host", f"{self.host}:{self.port}"), ("Connection", "close"), *headers]
+            if body is not None:
+                fields += [("Content-Type", "application/json")]
+            fields += [("Content-Length", str(len(payload)))]
+            writer.write(conn.send(h11.Request(method=method, target=path, headers=fields)))
+            writer.write(conn.send(h11.Data(data=payload)) + conn.send(h11.EndOfMessage()))
+            await writer.drain()
+            response = await _next_event(conn, reader)
+            if not isinstance(response, h11.Response):
+                raise PeerError(f"{self.url}{path}: expected an HTTP response")
+        except BaseException:
+            await close(writer)
+            raise
+        return response.status_code, _body(conn, reader, writer)
+
+
+async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader) -> Any:
+    while True:
+        event = conn.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+        conn.receive_data(await reader.read(READ_CHUNK))
+
+
+async def _body(
+    conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> AsyncIterator[bytes]:
+    try:
+        while True:
+            event = await _next_event(conn, reader)
+            if isinstance(event, h11.Data):
+                yield bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                return
+    finally:
+        await close(writer)
+
+
+async def close(writer: asyncio.StreamWriter) -> None:
+    """Close and wait: a TLS transport's socket is released only after its shutdown runs."""
+    writer.close()
+    with contextlib.suppress(OSError, ssl.SSLError, TimeoutError):
+        await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from teemesh import __version__
+from teemesh.cli.admin import admin
 from teemesh.cli.agent import agent
 from teemesh.cli.attest import attest
 from teemesh.cli.coordinator import coordinator
@@ -21,6 +22,7 @@ cli.add_command(attest)
 cli.add_command(agent)
 cli.add_command(kms)
 cli.add_command(coordinator)
+cli.add_command(admin)
 
 
 def main() -> None:

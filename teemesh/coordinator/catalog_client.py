@@ -21,9 +21,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from teemesh.coordinator.catalog import NotRegistered
-from teemesh.coordinator.client import COORDINATOR_USAGE
 from teemesh.coordinator.records import WATCH_KEEPALIVE
 from teemesh.errors import InputError, PeerError, Refused
+from teemesh.identity.meshca import COORDINATOR_USAGE
 from teemesh.net.async_https import AsyncAttestedHttps
 from teemesh.net.attested_https import ServerCheck
 from teemesh.net.sse import SseParser

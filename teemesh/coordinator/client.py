@@ -21,11 +21,9 @@ from teemesh.coordinator.admission import admission_report_data
 from teemesh.coordinator.service import AdmissionRefused
 from teemesh.errors import InputError, PeerError
 from teemesh.identity.certs import load_cert_pem, new_p256_key
-from teemesh.identity.meshca import spiffe_id
+from teemesh.identity.meshca import COORDINATOR_USAGE, spiffe_id
 from teemesh.net.attested_https import AttestedHttpsClient, ServerCheck
 from teemesh.platform.agent_client import AgentClient
-
-COORDINATOR_USAGE = b"teemesh:coordinator"
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,8 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from teemesh.coordinator.client import COORDINATOR_USAGE
 from teemesh.identity.certs import cert_pem
-from teemesh.identity.meshca import GET_KEY_PATH, mesh_ca_cert, mesh_ca_key
+from teemesh.identity.meshca import COORDINATOR_USAGE, GET_KEY_PATH, mesh_ca_cert, mesh_ca_key
 from teemesh.identity.ratls import issue_ratls_server_cert
 from teemesh.platform.agent_client import AgentClient
 from teemesh.platform.prpc import TlsFiles

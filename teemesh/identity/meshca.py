@@ -20,6 +20,8 @@ from teemesh.identity.certs import CertSpec, issue
 from teemesh.identity.ratls import OID_APP_ID, extension, extension_bytes, spki_der
 from teemesh.platform.keys import derive_p256_from_seed
 
+COORDINATOR_USAGE = b"teemesh:coordinator"
+"""The RA-TLS usage of a coordinator's server certificate; the mesh CA gives it to no SVID."""
 GET_KEY_PATH = "teemesh/mesh-ca/v1"
 """The GetKey path coordinators derive the mesh CA secret from."""
 CA_NOT_BEFORE = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)

@@ -7,6 +7,7 @@ opens a fresh connection and checks the server again; replies are bounded JSON.
 
 from __future__ import annotations
 
+import datetime as dt
 import http.client
 import json
 import ssl
@@ -17,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from teemesh.encoding import load_json
@@ -117,3 +119,23 @@ def client_context(
         key_path.write_text(key_pem(key))
         context.load_cert_chain(cert_path, key_path)
     return context
+
+
+def issued_by(ca: x509.Certificate) -> ServerCheck:
+    """A server check for tools that pin a CA rather than evidence: signed by ``ca``, in date.
+
+    Pair it with a ``usage`` that only that CA's servers carry (the mesh CA signs SVIDs too).
+    """
+
+    def check(cert: x509.Certificate) -> None:
+        try:
+            cert.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature) as exc:
+            raise PeerError(
+                f"the server certificate is not issued by {ca.subject.rfc4514_string()}"
+            ) from exc
+        now = dt.datetime.now(dt.UTC)
+        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+            raise PeerError("the server certificate is not valid now")
+
+    return check

@@ -36,6 +36,15 @@ class Svid:
     renew_after: int
 
 
+@dataclass(frozen=True)
+class PreparedAdmission:
+    """An attest request ready to send: ``body`` is its JSON, ``key`` the CSR's private key."""
+
+    body: dict[str, Any]
+    key: ec.EllipticCurvePrivateKey
+    spiffe_id: str
+
+
 class AdmissionClient:
     def __init__(
         self, url: str, coordinator_check: ServerCheck, agent: AgentClient, *, timeout: float = 10
@@ -56,29 +65,38 @@ class AdmissionClient:
         return doc
 
     def admit(self, cluster: str, group: str, peer_id: str) -> Svid:
-        key = new_p256_key()
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, peer_id)])
-        csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
+        return self.attest(self.prepare(cluster, group, peer_id, self.challenge()))
+
+    def challenge(self) -> bytes:
+        """A fresh nonce: single-use, and accepted by any coordinator of the cluster."""
         nonce = self._post("/v1/admission/challenge", {}).get("nonce")
         if not isinstance(nonce, str):
             raise PeerError("the coordinator's challenge has no nonce")
         try:
-            nonce_bytes = bytes.fromhex(nonce)
+            return bytes.fromhex(nonce)
         except ValueError as exc:
             raise PeerError("the coordinator's nonce is not hex") from exc
-        report_data = admission_report_data(cluster, group, peer_id, nonce_bytes, key.public_key())
+
+    def prepare(self, cluster: str, group: str, peer_id: str, nonce: bytes) -> PreparedAdmission:
+        """A new key and its CSR, and a quote binding them to ``nonce`` (no coordinator call)."""
+        key = new_p256_key()
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, peer_id)])
+        csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
+        report_data = admission_report_data(cluster, group, peer_id, nonce, key.public_key())
         quote = self.agent.call("GetQuote", {"report_data": report_data.hex()})
-        reply = self._post(
-            "/v1/admission/attest",
-            {
-                "group": group,
-                "peer_id": peer_id,
-                "nonce": nonce,
-                "csr": csr.public_bytes(serialization.Encoding.PEM).decode(),
-                **{k: quote.get(k) for k in ("quote", "event_log", "vm_config")},
-            },
-        )
-        return _svid(reply, key, spiffe_id(cluster, group, peer_id))
+        body = {
+            "group": group,
+            "peer_id": peer_id,
+            "nonce": nonce.hex(),
+            "csr": csr.public_bytes(serialization.Encoding.PEM).decode(),
+            **{k: quote.get(k) for k in ("quote", "event_log", "vm_config")},
+        }
+        return PreparedAdmission(body, key, spiffe_id(cluster, group, peer_id))
+
+    def attest(self, prepared: PreparedAdmission) -> Svid:
+        """Send a prepared request to this client's coordinator; the SVID it issued, checked."""
+        reply = self._post("/v1/admission/attest", prepared.body)
+        return _svid(reply, prepared.key, prepared.spiffe_id)
 
 
 def _refusals(doc: Any) -> tuple[Refusal, ...]:

@@ -92,7 +92,10 @@ class AsyncAttestedHttps:
     async def stream(
         self, path: str, headers: Sequence[tuple[str, str]] = ()
     ) -> tuple[int, AsyncIterator[bytes]]:
-        """GET a streaming body: the status, then its chunks as they come (no overall timeout)."""
+        """GET a streaming body: the status, then its chunks as they come (no overall timeout).
+
+        A body cut off midway (the server died) raises PeerError from the chunks.
+        """
         try:
             async with asyncio.timeout(self.timeout):
                 return await self._open_exchange("GET", path, None, headers)
@@ -137,7 +140,10 @@ async def _body(
 ) -> AsyncIterator[bytes]:
     try:
         while True:
-            event = await _next_event(conn, reader)
+            try:
+                event = await _next_event(conn, reader)
+            except (OSError, h11.ProtocolError) as exc:  # cut off mid-body: a server that died
+                raise PeerError(f"the reply broke off: {exc or type(exc).__name__}") from exc
             if isinstance(event, h11.Data):
                 yield bytes(event.data)
             elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):

@@ -9,11 +9,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import shutil
 import signal
-import socket
 import stat
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -23,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+from etcdkit import EtcdServer, etcd_cluster, free_ports
 
 from teemesh.catalog.etcd import EtcdStore, cluster_prefix
 from teemesh.catalog.sqlite import MAX_PENDING, SqliteStore
@@ -53,88 +51,10 @@ def anyio_backend() -> tuple[str, dict[str, Any]]:
 # -- a real etcd, one per session --------------------------------------------------------------
 
 
-@dataclass
-class EtcdServer:
-    url: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _start_etcd(binary: str, home: Path) -> EtcdServer | None:
-    """One attempt on fresh ports; None if etcd exited (a port taken meanwhile)."""
-    client, peer = f"http://127.0.0.1:{_free_port()}", f"http://127.0.0.1:{_free_port()}"
-    shutil.rmtree(home / "data", ignore_errors=True)
-    log = home / "etcd.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [
-                binary,
-                "--name=test",
-                f"--data-dir={home / 'data'}",
-                f"--listen-client-urls={client}",
-                f"--advertise-client-urls={client}",
-                f"--listen-peer-urls={peer}",
-                f"--initial-advertise-peer-urls={peer}",
-                f"--initial-cluster=test={peer}",
-                # fast elections: the smallest lease TTL etcd accepts is then 1 s
-                "--heartbeat-interval=10",
-                "--election-timeout=50",
-                "--logger=zap",
-                "--log-level=warn",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + 20
-    with httpx.Client(trust_env=False, timeout=1) as http:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                return None
-            try:
-                if http.get(f"{client}/health").json().get("health") == "true":
-                    return EtcdServer(client, process, log)
-            except (httpx.HTTPError, ValueError):
-                pass
-            time.sleep(0.05)
-    _stop(process)
-    pytest.fail(f"etcd did not become healthy in 20 s:\n{log.read_text(errors='replace')}")
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 @pytest.fixture(scope="session")
 def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
-    binary = shutil.which("etcd")
-    if binary is None:
-        pytest.fail(
-            "etcd is not installed (Debian: apt-get install etcd-server; scripts/test does)"
-        )
-    home = tmp_path_factory.mktemp("etcd")
-    for _ in range(3):
-        server = _start_etcd(binary, home)
-        if server is not None:
-            break
-    else:
-        pytest.fail(f"etcd exited at start:\n{(home / 'etcd.log').read_text(errors='replace')}")
-    try:
+    with etcd_cluster(tmp_path_factory.mktemp("etcd")) as (server,):
         yield server
-    finally:
-        _stop(server.process)
-        shutil.rmtree(home / "data", ignore_errors=True)
 
 
 # -- the two backends --------------------------------------------------------------------------
@@ -577,7 +497,7 @@ async def test_etcd_keys_live_under_the_cluster_prefix(etcd_server: EtcdServer) 
 
 @pytest.mark.etcd
 async def test_etcd_fails_over_to_a_live_endpoint(etcd_server: EtcdServer) -> None:
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_ports(1)[0]}"
     async with await EtcdStore.open([dead, etcd_server.url], prefix="/teemesh/failover/") as store:
         assert await store.put("k", b"v") > 0
     with pytest.raises(StoreError, match="no etcd endpoint answered") as info:

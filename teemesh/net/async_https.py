@@ -13,7 +13,6 @@ import json
 import ssl
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
 import h11
 from cryptography import x509
@@ -21,7 +20,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from teemesh.encoding import load_json
 from teemesh.errors import InputError, MeshError, PeerError
-from teemesh.net.attested_https import MAX_REPLY, ServerCheck, check_server, client_context
+from teemesh.net.attested_https import (
+    MAX_REPLY,
+    ServerCheck,
+    check_server,
+    client_context,
+    https_target,
+)
 
 READ_CHUNK = 64 * 1024
 CLOSE_TIMEOUT = 1.0
@@ -37,11 +42,7 @@ class AsyncAttestedHttps:
         client_cert: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None,
         timeout: float = 10.0,
     ) -> None:
-        parts = urlsplit(url)
-        if parts.scheme != "https" or not parts.hostname:
-            raise InputError(f"expected https://HOST[:PORT], got {url!r}", field="url")
-        self.url = url.rstrip("/")
-        self.host, self.port = parts.hostname, parts.port or 443
+        self.url, self.host, self.port = https_target(url)
         self.server_check = server_check
         self.usage = usage
         self.timeout = timeout

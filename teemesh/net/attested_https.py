@@ -41,11 +41,7 @@ class AttestedHttpsClient:
         client_cert: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None,
         timeout: float = 10.0,
     ) -> None:
-        parts = urlsplit(url)
-        if parts.scheme != "https" or not parts.hostname:
-            raise InputError(f"expected https://HOST[:PORT], got {url!r}", field="url")
-        self.url = url.rstrip("/")
-        self.host, self.port = parts.hostname, parts.port or 443
+        self.url, self.host, self.port = https_target(url)
         self.server_check = server_check
         self.usage = usage
         self.timeout = timeout
@@ -86,6 +82,18 @@ class AttestedHttpsClient:
             return response.status, load_json(data, field=path)
         except InputError as exc:
             raise PeerError(f"{where}: HTTP {response.status}: {exc}") from exc
+
+
+def https_target(url: str) -> tuple[str, str, int]:
+    """``https://HOST[:PORT]`` as (the URL without a trailing slash, host, port)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or 443
+    except ValueError:
+        parts, port = None, 0
+    if parts is None or parts.scheme != "https" or not parts.hostname:
+        raise InputError(f"expected https://HOST[:PORT], got {url!r}", field="url")
+    return url.rstrip("/"), parts.hostname, port
 
 
 def check_server(

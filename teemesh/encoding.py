@@ -70,6 +70,8 @@ def load_json(text: str | bytes, *, field: str, error: type[InputError] = InputE
         ) from exc
     except RecursionError as exc:
         raise error("JSON nested too deeply", field=field) from exc
+    except ValueError as exc:  # json's limit on integer digits (4300) is a bare ValueError
+        raise error(f"invalid JSON: {exc}", field=field) from exc
     if _MAYBE_SURROGATE.search(text if isinstance(text, str) else text.decode(errors="replace")):
         check_unicode(doc, field=field, error=error)
     return doc

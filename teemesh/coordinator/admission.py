@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from teemesh.attest.dcap import CollateralStore
@@ -85,7 +86,7 @@ def _csr(value: object) -> tuple[x509.CertificateSigningRequest, ec.EllipticCurv
         csr = x509.load_pem_x509_csr(value.encode())
         public_key = csr.public_key()
         valid = csr.is_signature_valid
-    except ValueError as exc:
+    except (ValueError, UnsupportedAlgorithm) as exc:  # the latter: an unknown key or curve
         raise InputError(f"not a PEM certificate signing request: {exc}", field="csr") from exc
     if not (
         isinstance(public_key, ec.EllipticCurvePublicKey)

@@ -16,7 +16,8 @@ from typing import Any
 
 from cryptography import x509
 
-from teemesh.catalog.store import StoreError, StoreErrorReason
+from teemesh.catalog.store import MAX_KEY_BYTES, StoreError, StoreErrorReason
+from teemesh.coordinator.policy import NAME
 from teemesh.coordinator.records import (
     SIDECAR_READABLE,
     AdmissionRecord,
@@ -62,7 +63,16 @@ def check_readable(prefix: str) -> str:
     if not prefix.startswith(SIDECAR_READABLE):
         readable = ", ".join(SIDECAR_READABLE)
         raise InputError(f"{prefix!r} is not readable: start it with {readable}", field="prefix")
+    if len(prefix.encode(errors="replace")) > MAX_KEY_BYTES:
+        raise InputError(f"a prefix is at most {MAX_KEY_BYTES} bytes", field="prefix")
     return prefix
+
+
+def check_service(service: str) -> str:
+    """A service named in a path: a DNS label, as every registered one is."""
+    if not NAME.fullmatch(service):
+        raise InputError(f"{service[:100]!r} is not a service name (a DNS label)", field="service")
+    return service
 
 
 @dataclass
@@ -72,7 +82,10 @@ class Catalog:
     async def authenticate(self, der: bytes | None) -> Caller:
         if der is None:
             raise Unauthenticated("this API needs a client certificate (the peer's SVID)")
-        svid = read_svid(x509.load_der_x509_certificate(der), self.coordinator.policy.cluster)
+        try:
+            svid = read_svid(x509.load_der_x509_certificate(der), self.coordinator.policy.cluster)
+        except PeerError as exc:  # a certificate of the mesh CA, but no SVID of this cluster
+            raise Unauthenticated(str(exc)) from exc
         held = await self.coordinator.store.get(admission_key(svid.group, svid.peer_id))
         record = AdmissionRecord.from_bytes(held.value) if held else None
         now = self.coordinator.clock.now()
@@ -141,7 +154,7 @@ class Catalog:
     async def update(self, caller: Caller, service: str, change: InstanceUpdate) -> dict[str, Any]:
         """Tags and health of the caller's own instance, compare-and-set against other writers."""
         store = self.coordinator.store
-        key = instance_key(service, caller.peer_id)
+        key = instance_key(check_service(service), caller.peer_id)
         while True:
             held = await store.get(key)
             if held is None:
@@ -156,7 +169,7 @@ class Catalog:
                 return {"key": key, "revision": written.revision, "instance": doc}
 
     async def deregister(self, caller: Caller, service: str) -> dict[str, Any]:
-        key = instance_key(service, caller.peer_id)
+        key = instance_key(check_service(service), caller.peer_id)
         revision = await self.coordinator.store.delete(key)
         if revision is None:
             raise NotRegistered(f"{caller.peer_id} has no registered instance of {service!r}")

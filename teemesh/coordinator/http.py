@@ -19,6 +19,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from teemesh.coordinator.admission import AdmissionRequest
 from teemesh.coordinator.catalog import Catalog, NotRegistered, Unauthenticated
@@ -31,6 +32,7 @@ from teemesh.coordinator.http_admin import (
 )
 from teemesh.coordinator.http_catalog import add_catalog_routes
 from teemesh.coordinator.http_util import Log, coordinator_of, json_body
+from teemesh.coordinator.records import WATCH_KEEPALIVE
 from teemesh.coordinator.service import AdmissionRefused, Coordinator
 from teemesh.errors import InputError, MeshError, Refused
 from teemesh.identity.certs import cert_pem
@@ -59,12 +61,18 @@ def error_reply(exc: MeshError) -> JSONResponse:
     return JSONResponse({"error": str(exc)}, status_code=status)
 
 
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    """Starlette's own replies (404, 405) in our shape: ``{"error"}``, not ``{"detail"}``."""
+    return JSONResponse({"error": str(exc.detail)}, exc.status_code, headers=exc.headers)
+
+
 def create_app(
     make: Factory,
     *,
     admin: AdminAuth | None = None,
     policy_source: PolicySource | None = None,
     reload_on_sighup: bool = False,
+    watch_keepalive: float = WATCH_KEEPALIVE,
     log: Log = _log,
 ) -> FastAPI:
     """``make`` runs on the serving event loop, where the async store must be opened.
@@ -110,6 +118,8 @@ def create_app(
     async def mesh_error(request: Request, exc: MeshError) -> Response:
         return error_reply(exc)
 
+    app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
+
     @app.post("/v1/admission/challenge")
     async def challenge(request: Request) -> dict[str, Any]:
         return await coordinator_of(request).challenge()
@@ -140,7 +150,7 @@ def create_app(
     async def ca(request: Request) -> dict[str, str]:
         return {"ca_certificate": cert_pem(coordinator_of(request).ca_cert)}
 
-    add_catalog_routes(app, log)
+    add_catalog_routes(app, log, watch_keepalive)
     if admin is not None:
         add_admin_routes(app, admin, policy_source, log)
     return app

@@ -12,9 +12,10 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import FastAPI, Request
+from pydantic import StringConstraints
 
 from teemesh.config import Frozen
 from teemesh.coordinator.http_util import Log, coordinator_of, json_body
@@ -27,6 +28,8 @@ from teemesh.fsutil import write_private
 PolicySource = Callable[[], ClusterPolicy]
 """Reads the policy file again (a reload picks up what the operator changed)."""
 MIN_TOKEN_LEN = 32
+MAX_REASON_LEN = 1024
+"""A revocation reason is stored with the admission and each revoked certificate: keep it short."""
 
 
 class AdminDenied(MeshError):
@@ -61,7 +64,9 @@ class AdminAuth:
 class RevokeRequest(Frozen):
     group: Label
     peer_id: Label
-    reason: str = "revoked by an administrator"
+    reason: Annotated[str, StringConstraints(max_length=MAX_REASON_LEN)] = (
+        "revoked by an administrator"
+    )
 
 
 async def reload_policy(coordinator: Coordinator, source: PolicySource, log: Log) -> dict[str, Any]:

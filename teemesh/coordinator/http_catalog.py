@@ -6,7 +6,7 @@ revision as its SSE ``id``, so a client that reconnects with ``Last-Event-ID`` (
 ``?revision=``) resumes exactly where it stopped, on this coordinator or another one. An
 ``error`` event ends the stream (``COMPACTED``: list again). A comment line every
 ``WATCH_KEEPALIVE`` seconds keeps idle connections honest; the caller's certificate is checked again
-then, so a revoked peer's stream ends within that time.
+every ``WATCH_KEEPALIVE`` seconds, busy or idle, so a revoked peer's stream ends within that.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -29,11 +30,15 @@ from teemesh.coordinator.records import (
     Registration,
     parse_request,
 )
-from teemesh.errors import InputError, MeshError
+from teemesh.errors import InputError, MeshError, PeerError, Refused
 from teemesh.platform.prpc import PEER_CERT
 
 WATCH_BUFFER = 256
 """Batches a watch stream holds for a slow client before the store gives up on it."""
+ENCODED_CHANGES = 64
+"""Recent change events kept encoded: every stream watching a revision sends the same bytes."""
+
+_encoded: dict[tuple[Event, ...], bytes] = {}
 
 
 async def _caller(request: Request) -> Caller:
@@ -48,6 +53,23 @@ def sse(event: str, data: Any, revision: int | None = None) -> bytes:
 def event_json(event: Event) -> dict[str, Any]:
     value = json.loads(event.value) if event.type is EventType.PUT else None
     return {"type": event.type.value, "key": event.key, "value": value}
+
+
+def change_event(batch: tuple[Event, ...]) -> bytes:
+    """One revision's ``change`` event, encoded once for all the streams that send it.
+
+    A pure function of the events, remembered by them (equal events, equal bytes), so a
+    thousand watchers of one write cost one JSON round trip instead of a thousand.
+    """
+    data = _encoded.get(batch)
+    if data is None:
+        revision = batch[0].mod_revision
+        doc = {"revision": revision, "events": [event_json(e) for e in batch]}
+        data = sse("change", doc, revision)
+        if len(_encoded) >= ENCODED_CHANGES:
+            del _encoded[next(iter(_encoded))]  # the oldest: dicts keep insertion order
+        _encoded[batch] = data
+    return data
 
 
 def start_revision(request: Request) -> int | None:
@@ -69,7 +91,11 @@ def start_revision(request: Request) -> int | None:
 
 
 async def watch_stream(
-    catalog: Catalog, der: bytes | None, prefix: str, start: int | None
+    catalog: Catalog,
+    der: bytes | None,
+    prefix: str,
+    start: int | None,
+    keepalive: float = WATCH_KEEPALIVE,
 ) -> AsyncIterator[bytes]:
     store = catalog.coordinator.store
     if start is None:
@@ -88,12 +114,18 @@ async def watch_stream(
             await batches.put(exc)
 
     task = asyncio.create_task(pump())
+    checked = time.monotonic()
     try:
         while True:
+            if time.monotonic() - checked >= keepalive:  # busy or idle alike
+                if (refusal := await _still_allowed(catalog, der)) is not None:
+                    yield refusal
+                    return
+                checked = time.monotonic()
             try:
-                item = await asyncio.wait_for(batches.get(), WATCH_KEEPALIVE)
+                async with asyncio.timeout(keepalive):  # no task per wait, unlike wait_for
+                    item = await batches.get()
             except TimeoutError:
-                await catalog.authenticate(der)  # revoked meanwhile: the stream ends
                 yield b": keepalive\n\n"
                 continue
             if item is None:
@@ -102,18 +134,25 @@ async def watch_stream(
                 reason = item.reason.value if isinstance(item, StoreError) else "UNAVAILABLE"
                 yield sse("error", {"error": str(item), "reason": reason})
                 return
-            revision = item[0].mod_revision
-            doc = {"revision": revision, "events": [event_json(e) for e in item]}
-            yield sse("change", doc, revision)
-    except MeshError as exc:
-        yield sse("error", {"error": str(exc), "reason": "UNAUTHORIZED"})
+            yield change_event(item)
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
 
-def add_catalog_routes(app: FastAPI, log: Log) -> None:
+async def _still_allowed(catalog: Catalog, der: bytes | None) -> bytes | None:
+    """None while the caller's certificate is live; else the event that ends its stream."""
+    try:
+        await catalog.authenticate(der)
+    except (Refused, PeerError) as exc:  # revoked, superseded: the client must not retry
+        return sse("error", {"error": str(exc), "reason": "UNAUTHORIZED"})
+    except MeshError as exc:  # the store is in trouble: the client retries elsewhere
+        return sse("error", {"error": str(exc), "reason": "UNAVAILABLE"})
+    return None
+
+
+def add_catalog_routes(app: FastAPI, log: Log, keepalive: float = WATCH_KEEPALIVE) -> None:
     @app.post("/v1/catalog/register")
     async def register(request: Request) -> dict[str, Any]:
         caller = await _caller(request)
@@ -150,6 +189,6 @@ def add_catalog_routes(app: FastAPI, log: Log) -> None:
         start = start_revision(request)
         check_readable(prefix)
         der = getattr(request.state, PEER_CERT, None)
-        stream = watch_stream(catalog_of(request), der, prefix, start)
+        stream = watch_stream(catalog_of(request), der, prefix, start, keepalive)
         headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
         return StreamingResponse(stream, media_type="text/event-stream", headers=headers)

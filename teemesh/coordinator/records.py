@@ -122,10 +122,12 @@ class AdmissionRecord:
         doc = json.loads(value)
         certs = tuple(LiveCert(int(c["serial"], 16), c["not_after"]) for c in doc.pop("certs"))
         kp = doc.pop("key_provider")
+        advisories = tuple(doc.pop("advisory_ids"))  # JSON gives a list
         return cls(
             **doc,
             certs=certs,
             key_provider=(kp[0], kp[1]) if kp else None,
+            advisory_ids=advisories,
         )
 
     def to_public(self) -> dict[str, Any]:

@@ -32,6 +32,8 @@ class SseParser:
         self._pending_cr = False
 
     def feed(self, chunk: bytes) -> list[SseEvent]:
+        if not chunk:
+            return []  # an empty read: a CR before it may still be half of a CRLF
         if self._pending_cr and chunk.startswith(b"\n"):
             chunk = chunk[1:]  # the LF of a CRLF split across chunks
         self._pending_cr = False
@@ -42,6 +44,8 @@ class SseParser:
             if cut is None:
                 break
             end, width = cut
+            if end > self.max_line:  # the same limit whether the line came whole or in pieces
+                raise PeerError(f"server-sent event line over {self.max_line} bytes")
             line = self._buffer[:end]
             if self._buffer[end : end + 1] == b"\r" and end + 1 == len(self._buffer):
                 self._pending_cr = True

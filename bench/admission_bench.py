@@ -30,9 +30,7 @@ import json
 import os
 import secrets
 import signal
-import socket
 import ssl
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,8 +40,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import uvloop
+from _harness import (
+    CLUSTER,
+    GROUP,
+    KMS,
+    OS_IMAGE,
+    WEB_COMPOSE,
+    latency_ms,
+    machine_busy_seconds,
+    ms,
+    process_cpu_seconds,
+    simulated_cluster,
+)
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -53,7 +62,7 @@ from rich.console import Console
 from rich.table import Table
 
 from teemesh.attest.dcap import CollateralStore, verify_dcap
-from teemesh.attest.dstack import KeyProvider, compose_hash
+from teemesh.attest.dstack import compose_hash
 from teemesh.attest.evidence import analyze, load_evidence
 from teemesh.attest.policy import Reason
 from teemesh.attest.quote import parse_quote
@@ -70,35 +79,11 @@ from teemesh.identity.certs import new_p256_key
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_VECTORS = Path(os.environ.get("TEEMESH_VECTORS", ROOT.parent / "shared" / "vectors"))
-CLUSTER, GROUP = "bench", "web"
-OS_IMAGE = "dstack-0.5.7-sim"
-COORDINATOR_COMPOSE = b'{"manifest_version":2,"name":"coordinator","runner":"docker-compose"}'
-WEB_COMPOSE = b'{"manifest_version":2,"name":"web","runner":"docker-compose"}'
-KMS = KeyProvider("kms", "ab" * 32)
 TARGET_RATE, TARGET_P99_MS = 200, 50
 DCAP_NOW = 1751000000
 """Inside the validity window of the dcap-qvl vector's collateral (as tests/unit/test_dcap.py)."""
 
 console = Console(highlight=False)
-
-
-# ---------------------------------------------------------------------------------------------
-# shared helpers
-
-
-def percentile(samples: list[float], fraction: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
-
-
-def latency_ms(samples: list[float]) -> dict[str, float | None]:
-    if not samples:
-        return {"p50_ms": None, "p99_ms": None, "max_ms": None}
-    return {
-        "p50_ms": round(1e3 * percentile(samples, 0.5), 3),
-        "p99_ms": round(1e3 * percentile(samples, 0.99), 3),
-        "max_ms": round(1e3 * max(samples), 3),
-    }
 
 
 def csr_pem(key: ec.EllipticCurvePrivateKey, peer_id: str) -> str:
@@ -107,112 +92,8 @@ def csr_pem(key: ec.EllipticCurvePrivateKey, peer_id: str) -> str:
     return csr.public_bytes(serialization.Encoding.PEM).decode()
 
 
-def ms(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 # ---------------------------------------------------------------------------------------------
 # simulated TEE, end to end: real agent and coordinator processes
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """utime + stime of one process (all its threads), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def machine_busy_seconds() -> float:
-    """CPU time spent on anything but idle and iowait, summed over all CPUs, from /proc/stat."""
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (
-        int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
-    )
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-@dataclass
-class Processes:
-    """The processes this bench started; stopped by their own PIDs, newest first."""
-
-    started: list[tuple[str, subprocess.Popen[bytes], Path]] = field(default_factory=list)
-
-    def start(self, name: str, args: list[str], log: Path, ready: Callable[[], bool]) -> int:
-        teemesh = Path(sys.executable).parent / "teemesh"
-        with log.open("wb") as out:
-            proc = subprocess.Popen([str(teemesh), *args], stdout=out, stderr=subprocess.STDOUT)
-        self.started.append((name, proc, log))
-        deadline = time.monotonic() + 30
-        while not ready():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                tail = log.read_text(errors="replace")[-2000:]
-                raise SystemExit(f"teemesh {name} did not start (exit {proc.poll()}):\n{tail}")
-            time.sleep(0.05)
-        return proc.pid
-
-    def stop(self) -> None:
-        for _name, proc, _log in reversed(self.started):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-        self.started.clear()
-
-
-def coordinator_ready(url: str) -> Callable[[], bool]:
-    def ready() -> bool:
-        try:
-            # verify=False: readiness probe of our own loopback process (bench only)
-            return httpx.get(f"{url}/v1/ca", verify=False, timeout=1).status_code == 200  # noqa: S501
-        except httpx.HTTPError:
-            return False
-
-    return ready
-
-
-@contextlib.contextmanager
-def simulated_cluster(folder: Path, platform: PlatformKey) -> Iterator[tuple[int, int]]:
-    """An agent for the coordinator's CVM, then the coordinator; yields (port, its pid)."""
-    (folder / "platform.key").write_bytes(platform.private_pem())
-    (folder / "platform.key").chmod(0o600)
-    (folder / "platform.pub").write_bytes(platform.public_pem())
-    (folder / "coordinator-compose.json").write_bytes(COORDINATOR_COMPOSE)
-    (folder / "cluster.yaml").write_text(
-        f"cluster: {CLUSTER}\ntee: simulated\nplatform_key: platform.pub\ngroups:\n"
-        f"  {GROUP}:\n"
-        f"    compose_hashes: [{compose_hash(WEB_COMPOSE).hex()}]\n"
-        f"    os_images: [{OsImage(OS_IMAGE).os_image_hash.hex()}]\n"
-        "    key_providers: [{name: kms}]\n"  # no peer_ids: any peer id is admitted
-    )
-    sock = folder / "coordinator-agent.sock"
-    port = free_port()
-    url = f"https://127.0.0.1:{port}"
-    procs = Processes()
-    try:
-        agent_args = [
-            "agent", "--socket", str(sock), "--state", str(folder / "coordinator-agent"),
-            "--platform-key", str(folder / "platform.key"),
-            "--app-compose", str(folder / "coordinator-compose.json"), "--os-image", OS_IMAGE,
-        ]  # fmt: skip
-        procs.start("agent", agent_args, folder / "agent.log", sock.exists)
-        coordinator_args = [
-            "coordinator", "--policy", str(folder / "cluster.yaml"),
-            "--listen", f"127.0.0.1:{port}", "--state", str(folder / "coordinator"),
-            "--agent", str(sock),
-        ]  # fmt: skip
-        pid = procs.start(
-            "coordinator", coordinator_args, folder / "coordinator.log", coordinator_ready(url)
-        )
-        yield port, pid
-    finally:
-        procs.stop()
 
 
 class Connection:

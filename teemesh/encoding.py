@@ -13,6 +13,11 @@ from teemesh.errors import InputError
 _HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 
 
+DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+"""Cluster, group, peer and service names: DNS labels, so they fit SPIFFE ids, hostnames and
+etcd key prefixes alike."""
+
+
 def parse_hex(
     value: object,
     *,

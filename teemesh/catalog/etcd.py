@@ -40,16 +40,17 @@ from teemesh.catalog.store import (
     StoreErrorReason,
     Watch,
     by_revision,
+    lease_not_found,
     prefix_end,
 )
+from teemesh.encoding import DNS_LABEL
 
-_CLUSTER_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _INVALID_ARGUMENT, _OUT_OF_RANGE = 3, 11  # gRPC status codes meaning "the request is wrong"
 
 
 def cluster_prefix(cluster: str) -> str:
     """Where a cluster's keys live in a shared etcd: ``/teemesh/<cluster>/``."""
-    if not _CLUSTER_NAME.fullmatch(cluster):
+    if not DNS_LABEL.fullmatch(cluster):
         raise _invalid("cluster", "must be 1-63 lowercase letters, digits or '-' (a DNS label)")
     return f"/teemesh/{cluster}/"
 
@@ -195,7 +196,7 @@ class EtcdStore(Store):
         result = reply.get("result")
         ttl = _int(result.get("TTL")) if isinstance(result, dict) else 0
         if ttl <= 0:  # etcd answers a keep-alive for an unknown lease with TTL 0
-            raise _lease_not_found(lease_id)
+            raise lease_not_found(lease_id)
         return Lease(lease_id, ttl)
 
     async def _revoke(self, lease_id: int) -> None:
@@ -461,14 +462,6 @@ def _unb64(value: object) -> bytes:
         return base64.b64decode(value, validate=True)
     except ValueError as exc:
         raise _malformed("base64", exc) from exc
-
-
-def _lease_not_found(lease_id: int) -> StoreError:
-    return StoreError(
-        StoreErrorReason.LEASE_NOT_FOUND,
-        f"lease {lease_id} does not exist (expired or revoked)",
-        field="lease",
-    )
 
 
 def _malformed(what: str, exc: Exception) -> StoreError:

@@ -42,6 +42,7 @@ from teemesh.catalog.store import (
     StoreErrorReason,
     Watch,
     by_revision,
+    lease_not_found,
     prefix_end,
 )
 from teemesh.clock import Clock, SystemClock
@@ -202,7 +203,7 @@ class SqliteStore(Store):
                     db.execute(_REFRESH, (now + ttl, lease_id))
                     return Lease(lease_id, ttl)
                 self._end_lease(txn, lease_id)  # ran out, and the reaper has not got to it yet
-        raise _lease_not_found(lease_id)
+        raise lease_not_found(lease_id)
 
     async def _revoke(self, lease_id: int) -> None:
         with self._transaction() as txn:
@@ -327,7 +328,7 @@ class SqliteStore(Store):
         if lease is not None:
             row = db.execute("SELECT expires_at FROM lease WHERE id = ?", (lease,)).fetchone()
             if row is None or row[0] <= self._clock.now():
-                raise _lease_not_found(lease)
+                raise lease_not_found(lease)
         db.execute(
             "INSERT INTO kv VALUES (?, ?, ?, ?, 1, ?) ON CONFLICT (key) DO UPDATE SET"
             " value = excluded.value, mod_revision = excluded.mod_revision,"
@@ -466,14 +467,6 @@ def _prefix_clause(prefix: bytes) -> tuple[str, tuple[bytes, ...]]:
 def _key_value(row: tuple[bytes, bytes, int, int, int, int | None]) -> KeyValue:
     key, value, create_revision, mod_revision, version, lease = row
     return KeyValue(key.decode(), value, create_revision, mod_revision, version, lease)
-
-
-def _lease_not_found(lease_id: int) -> StoreError:
-    return StoreError(
-        StoreErrorReason.LEASE_NOT_FOUND,
-        f"lease {lease_id} does not exist (expired or revoked)",
-        field="lease",
-    )
 
 
 def _unusable(path: Path, why: str) -> StoreError:

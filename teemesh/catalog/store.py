@@ -322,6 +322,15 @@ class Store(ABC):
     async def _compact(self, revision: int) -> None: ...
 
 
+def lease_not_found(lease_id: int) -> StoreError:
+    """What every backend raises for a lease that expired or was revoked."""
+    return StoreError(
+        StoreErrorReason.LEASE_NOT_FOUND,
+        f"lease {lease_id} does not exist (expired or revoked)",
+        field="lease",
+    )
+
+
 def check_key(key: object, *, field: str = "key", empty: bool = False) -> str:
     """A key (or, with ``empty``, a prefix): a str of at most MAX_KEY_BYTES UTF-8 bytes."""
     if not isinstance(key, str):

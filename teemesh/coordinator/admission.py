@@ -23,9 +23,9 @@ from teemesh.attest.dstack import DstackIdentity
 from teemesh.attest.evidence import Evidence, load_evidence
 from teemesh.attest.policy import Reason, Refusal
 from teemesh.attest.verify import verify_evidence
-from teemesh.coordinator.policy import NAME, ClusterPolicy
+from teemesh.coordinator.policy import ClusterPolicy
 from teemesh.coordinator.records import check_peer
-from teemesh.encoding import parse_hex
+from teemesh.encoding import DNS_LABEL, parse_hex
 from teemesh.errors import InputError
 from teemesh.identity.ratls import spki_der
 
@@ -74,7 +74,7 @@ class AdmissionRequest:
 
 def _name(doc: dict[str, Any], field: str) -> str:
     value = doc.get(field)
-    if not (isinstance(value, str) and NAME.fullmatch(value)):
+    if not (isinstance(value, str) and DNS_LABEL.fullmatch(value)):
         raise InputError("expected a DNS label (a-z, 0-9 and '-', at most 63)", field=field)
     return value
 

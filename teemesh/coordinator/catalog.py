@@ -17,7 +17,6 @@ from typing import Any
 from cryptography import x509
 
 from teemesh.catalog.store import MAX_KEY_BYTES, StoreError, StoreErrorReason
-from teemesh.coordinator.policy import NAME
 from teemesh.coordinator.records import (
     SIDECAR_READABLE,
     AdmissionRecord,
@@ -29,6 +28,7 @@ from teemesh.coordinator.records import (
     lease_key,
 )
 from teemesh.coordinator.service import Coordinator
+from teemesh.encoding import DNS_LABEL
 from teemesh.errors import InputError, MeshError, PeerError, Refused
 from teemesh.identity.meshca import SvidIdentity, read_svid
 
@@ -70,7 +70,7 @@ def check_readable(prefix: str) -> str:
 
 def check_service(service: str) -> str:
     """A service named in a path: a DNS label, as every registered one is."""
-    if not NAME.fullmatch(service):
+    if not DNS_LABEL.fullmatch(service):
         raise InputError(f"{service[:100]!r} is not a service name (a DNS label)", field="service")
     return service
 

@@ -7,7 +7,6 @@ rule: left out means not checked, an empty list admits nothing.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -23,13 +22,11 @@ from teemesh.attest.policy import (
     with_platform_key,
 )
 from teemesh.config import ConfigError, Frozen, parse_model, read_yaml
-
-NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
-"""Cluster, group and peer names: DNS labels, so they fit SPIFFE ids and hostnames alike."""
+from teemesh.encoding import DNS_LABEL
 
 
 def _label(value: str) -> str:
-    if not NAME.fullmatch(value):
+    if not DNS_LABEL.fullmatch(value):
         raise ValueError(f"{value!r} is not a DNS label (a-z, 0-9 and '-', at most 63)")
     return value
 

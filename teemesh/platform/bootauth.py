@@ -7,10 +7,11 @@ auth-simple's config model and its pure decision (same order and reason strings 
 
     DevAuth      allows every boot (dstack's ``type = "dev"``); never chosen by default
     ConfigAuth   the built-in auth-simple: re-reads its JSON file on every request
-    WebhookAuth  asks a remote auth service; anything but a well-formed 2xx reply denies
+    WebhookAuth  asks a remote auth service; anything but a well-formed 2xx reply is a PeerError
 
-Authorization fails closed: an unreadable config or a broken webhook is a denial with a reason,
-never an exception the KMS could mistake for "no answer, carry on".
+Authorization fails closed: an unreadable config is a denial with a reason; a broken webhook is
+a PeerError, which no caller takes for "allowed": the KMS answers 503 (try another KMS), the
+auth server answers a denial.
 """
 
 from __future__ import annotations
@@ -368,7 +369,11 @@ def _checked_kind(kind: str) -> BootKind:
 
 class BootAuthorizer(Protocol):
     def authorize(self, info: BootInfo, kind: BootKind) -> BootDecision:
-        """Decide one boot; a failure to decide is a denial, not an exception."""
+        """Decide one boot; PeerError when it cannot (a webhook down or talking nonsense).
+
+        Callers fail closed on it, each its own way: the auth server answers a denial, as
+        auth-simple does; the KMS answers 503, so a CVM asks another KMS instead of giving up.
+        """
         ...
 
     def info(self) -> AuthInfo:
@@ -448,13 +453,11 @@ class WebhookAuth:
 
     def authorize(self, info: BootInfo, kind: BootKind) -> BootDecision:
         url = self._join(f"bootAuth/{_checked_kind(kind)}")
+        doc = self._call("POST", url, info.to_json())
         try:
-            doc = self._call("POST", url, info.to_json())
             return BootDecision.from_json(doc)
         except InputError as exc:
-            return BootDecision.deny(f"auth webhook {url} sent a malformed reply: {exc}")
-        except PeerError as exc:
-            return BootDecision.deny(str(exc))
+            raise PeerError(f"auth webhook {url} sent a malformed reply: {exc}") from exc
 
     def info(self) -> AuthInfo:
         url = self._join("")
@@ -483,4 +486,7 @@ class WebhookAuth:
         if not reply.is_success:
             snippet = bytes(data[:200]).decode(errors="replace").strip()
             raise PeerError(f"auth webhook {url} answered HTTP {reply.status_code}: {snippet}")
-        return load_json(bytes(data), field="body")
+        try:
+            return load_json(bytes(data), field="body")
+        except InputError as exc:
+            raise PeerError(f"auth webhook {url} sent a malformed reply: {exc}") from exc

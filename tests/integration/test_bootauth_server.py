@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from teemesh.errors import PeerError
 from teemesh.platform.bootauth import AuthInfo, BootDecision, BootInfo, WebhookAuth
 
 pytestmark = pytest.mark.integration
@@ -186,26 +187,25 @@ def test_malformed_request_is_400_naming_the_field(live: Server, body: bytes, er
     assert reply.json()["error"].startswith(error), reply.json()
 
 
-def test_non_2xx_fails_closed(live: Server, webhook: Callable[..., WebhookAuth]) -> None:
-    decision = webhook(live.url + "/no/such/prefix", timeout=5).authorize(INFO, "app")
-    assert not decision.is_allowed
-    assert "answered HTTP 404" in decision.reason
+def test_non_2xx_is_no_decision(live: Server, webhook: Callable[..., WebhookAuth]) -> None:
+    with pytest.raises(PeerError, match="answered HTTP 404"):
+        webhook(live.url + "/no/such/prefix", timeout=5).authorize(INFO, "app")
 
 
-def test_server_down_fails_closed(webhook: Callable[..., WebhookAuth]) -> None:
+def test_server_down_is_no_decision(webhook: Callable[..., WebhookAuth]) -> None:
     url = f"http://127.0.0.1:{_free_port()}"
-    decision = webhook(url, timeout=5).authorize(INFO, "kms")
-    assert decision == BootDecision(False, decision.reason, "")
-    assert decision.reason.startswith(f"auth webhook {url}/bootAuth/kms failed: ConnectError")
+    with pytest.raises(PeerError) as info:
+        webhook(url, timeout=5).authorize(INFO, "kms")
+    assert str(info.value).startswith(f"auth webhook {url}/bootAuth/kms failed: ConnectError")
 
 
-def test_silent_server_times_out_and_fails_closed(webhook: Callable[..., WebhookAuth]) -> None:
+def test_silent_server_times_out(webhook: Callable[..., WebhookAuth]) -> None:
     with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts in the backlog, never answers
         url = f"http://127.0.0.1:{silent.getsockname()[1]}"
         started = time.monotonic()
-        decision = webhook(url, timeout=0.5).authorize(INFO, "app")
+        with pytest.raises(PeerError, match=r"timed out after 0\.5 s$"):
+            webhook(url, timeout=0.5).authorize(INFO, "app")
     assert time.monotonic() - started < 5
-    assert not decision.is_allowed and decision.reason.endswith("timed out after 0.5 s")
 
 
 def test_bad_config_at_start_exits_2_naming_file_and_field(tmp_path: Path) -> None:

@@ -449,22 +449,26 @@ def test_webhook_posts_the_boot_info_to_the_kind_path() -> None:
         (httpx.Response(200, content=b"x" * (1024 * 1024 + 1)), "reply over 1048576 bytes"),
     ],
 )
-def test_webhook_fails_closed(response: httpx.Response, reason: str) -> None:
-    decision = _webhook(lambda request: response).authorize(INFO, "app")
-    assert not decision.is_allowed and decision.gateway_app_id == ""
-    assert decision.reason.startswith("auth webhook http://auth.test/base/bootAuth/app ")
-    assert reason in decision.reason
+def test_webhook_that_cannot_decide_raises_peer_error(
+    response: httpx.Response, reason: str
+) -> None:
+    with pytest.raises(PeerError) as info:
+        _webhook(lambda request: response).authorize(INFO, "app")
+    assert str(info.value).startswith("auth webhook http://auth.test/base/bootAuth/app ")
+    assert reason in str(info.value)
 
 
-def test_webhook_transport_errors_fail_closed() -> None:
+def test_webhook_transport_errors_raise_peer_error() -> None:
     def timeout(request: httpx.Request) -> httpx.Response:
         raise httpx.ReadTimeout("slow", request=request)
 
     def refused(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
 
-    assert _webhook(timeout).authorize(INFO, "app").reason.endswith("timed out after 2 s")
-    assert "failed: ConnectError: [Errno 111]" in _webhook(refused).authorize(INFO, "kms").reason
+    with pytest.raises(PeerError, match=r"timed out after 2 s$"):
+        _webhook(timeout).authorize(INFO, "app")
+    with pytest.raises(PeerError, match=r"failed: ConnectError: \[Errno 111\]"):
+        _webhook(refused).authorize(INFO, "kms")
 
 
 def test_webhook_info() -> None:

@@ -238,6 +238,15 @@ class Store(ABC):
         """Put ``key`` only if it does not exist."""
         return await self._put_if(check_key(key), check_value(value), _check_lease_id(lease), 0)
 
+    async def replace(
+        self, key: str, value: bytes, held: KeyValue | None, *, lease: int | None = None
+    ) -> CasResult:
+        """Put ``key`` only if it still is ``held`` as read (None: only if it does not exist)."""
+        mod_revision = held.mod_revision if held is not None else 0
+        return await self._put_if(
+            check_key(key), check_value(value), _check_lease_id(lease), mod_revision
+        )
+
     async def put_if(
         self, key: str, value: bytes, *, mod_revision: int, lease: int | None = None
     ) -> CasResult:

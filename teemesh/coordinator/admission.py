@@ -86,7 +86,11 @@ def _csr(value: object) -> tuple[x509.CertificateSigningRequest, ec.EllipticCurv
         csr = x509.load_pem_x509_csr(value.encode())
         public_key = csr.public_key()
         valid = csr.is_signature_valid
-    except (ValueError, UnsupportedAlgorithm) as exc:  # the latter: an unknown key or curve
+    except (
+        ValueError,
+        UnsupportedAlgorithm,
+        x509.InvalidVersion,
+    ) as exc:  # unknown key, curve or version
         raise InputError(f"not a PEM certificate signing request: {exc}", field="csr") from exc
     if not (
         isinstance(public_key, ec.EllipticCurvePublicKey)

@@ -45,6 +45,10 @@ class NotRegistered(MeshError):
         super().__init__(message)
 
 
+def lease_gone() -> NotRegistered:
+    return NotRegistered("the peer's lease has expired: register its services again", 410)
+
+
 @dataclass(frozen=True)
 class Caller:
     svid: SvidIdentity
@@ -128,19 +132,14 @@ class Catalog:
                         raise
             lease = await store.grant(ttl)
             value = json.dumps({"lease": lease.id, "ttl": ttl}).encode()
-            written = (
-                await store.create(key, value)
-                if held is None
-                else await store.put_if(key, value, mod_revision=held.mod_revision)
-            )
-            if written.succeeded:
+            if (await store.replace(key, value, held)).succeeded:
                 return lease.id, ttl
             await store.revoke(lease.id)  # a concurrent registration won; use its lease
 
     async def heartbeat(self, caller: Caller) -> dict[str, Any]:
         store = self.coordinator.store
         held = await store.get(lease_key(caller.group, caller.peer_id))
-        gone = NotRegistered("the peer's lease has expired: register its services again", 410)
+        gone = lease_gone()
         if held is None:
             raise gone
         try:
@@ -162,9 +161,12 @@ class Catalog:
             doc = json.loads(held.value)
             doc |= change.model_dump(exclude_none=True)
             value = json.dumps(doc, separators=(",", ":")).encode()
-            written = await store.put_if(
-                key, value, mod_revision=held.mod_revision, lease=held.lease
-            )
+            try:
+                written = await store.replace(key, value, held, lease=held.lease)
+            except StoreError as exc:  # its lease expired a moment ago
+                if exc.reason is not StoreErrorReason.LEASE_NOT_FOUND:
+                    raise
+                raise lease_gone() from exc
             if written.succeeded:
                 return {"key": key, "revision": written.revision, "instance": doc}
 

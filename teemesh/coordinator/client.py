@@ -21,7 +21,7 @@ from teemesh.coordinator.admission import admission_report_data
 from teemesh.coordinator.service import AdmissionRefused
 from teemesh.errors import InputError, PeerError
 from teemesh.identity.certs import load_cert_pem, new_p256_key
-from teemesh.identity.meshca import COORDINATOR_USAGE, spiffe_id
+from teemesh.identity.meshca import COORDINATOR_USAGE, read_svid, spiffe_id
 from teemesh.net.attested_https import AttestedHttpsClient, ServerCheck
 from teemesh.platform.agent_client import AgentClient
 
@@ -120,9 +120,11 @@ def _svid(reply: dict[str, Any], key: ec.EllipticCurvePrivateKey, expected: str)
         raise PeerError(f"the coordinator returned an unusable certificate: {exc}") from exc
     if cert.public_key() != key.public_key():
         raise PeerError("the coordinator certified another key")
-    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    if sans.get_values_for_type(x509.UniformResourceIdentifier) != [expected]:
+    cluster = expected.removeprefix("spiffe://").split("/")[0]
+    named = read_svid(cert, cluster)  # PeerError if it names no peer of this cluster
+    if spiffe_id(named.cluster, named.group, named.peer_id) != expected:
         raise PeerError(f"the coordinator certified another identity than {expected}")
-    return Svid(
-        key, cert, ca, expected, int(reply.get("expires_at", 0)), int(reply.get("renew_after", 0))
-    )
+    expires_at, renew_after = reply.get("expires_at"), reply.get("renew_after")
+    if not (isinstance(expires_at, int) and isinstance(renew_after, int)):
+        raise PeerError("the coordinator's reply lacks expires_at and renew_after (integers)")
+    return Svid(key, cert, ca, expected, expires_at, renew_after)

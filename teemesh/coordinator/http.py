@@ -32,7 +32,7 @@ from teemesh.coordinator.http_admin import (
 )
 from teemesh.coordinator.http_catalog import add_catalog_routes
 from teemesh.coordinator.http_util import Log, coordinator_of, json_body
-from teemesh.coordinator.records import WATCH_KEEPALIVE
+from teemesh.coordinator.records import WATCH_KEEPALIVE, PolicyEpoch
 from teemesh.coordinator.service import AdmissionRefused, Coordinator
 from teemesh.errors import InputError, MeshError, Refused
 from teemesh.identity.certs import cert_pem
@@ -66,6 +66,17 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
     return JSONResponse({"error": str(exc.detail)}, exc.status_code, headers=exc.headers)
 
 
+async def start(coordinator: Coordinator, log: Log) -> None:
+    own = PolicyEpoch.digest_of(coordinator.policy)
+    epoch, revoked = await coordinator.start()
+    log(f"policy epoch {epoch.epoch} ({epoch.digest[:12]}) in force, {len(revoked)} revoked")
+    if epoch.digest != own:
+        log(
+            f"this coordinator's policy file ({own[:12]}) differs from the one in force;"
+            " reload (SIGHUP or teemesh admin reload) to publish it"
+        )
+
+
 def create_app(
     make: Factory,
     *,
@@ -93,10 +104,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         coordinator = await make()
         try:
-            epoch, revoked = await coordinator.start()
-            log(
-                f"policy epoch {epoch.epoch} ({epoch.digest[:12]}) in force, {len(revoked)} revoked"
-            )
+            await start(coordinator, log)
             app.state.coordinator = coordinator
             app.state.catalog = Catalog(coordinator)
             if reload_on_sighup and policy_source is not None:

@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from pydantic import StringConstraints
 
 from teemesh.config import Frozen
+from teemesh.coordinator.catalog import NotRegistered
 from teemesh.coordinator.http_util import Log, coordinator_of, json_body
 from teemesh.coordinator.policy import ClusterPolicy, Label
 from teemesh.coordinator.records import parse_request
@@ -91,7 +92,7 @@ def add_admin_routes(app: FastAPI, admin: AdminAuth, source: PolicySource | None
         ask = parse_request(RevokeRequest, await json_body(request))
         done = await coordinator_of(request).revoke_peer(ask.group, ask.peer_id, ask.reason)
         if done is None:
-            raise InputError(f"{ask.group}/{ask.peer_id} has no admission", field="peer_id")
+            raise NotRegistered(f"{ask.group}/{ask.peer_id} has no admission")
         log(f"admin revoked {done.group}/{done.peer_id} ({len(done.serials)} certificates)")
         return done.to_json()
 

@@ -110,7 +110,7 @@ async def watch_stream(
                 async for events in changes:
                     await batches.put(events)
             await batches.put(None)
-        except MeshError as exc:
+        except Exception as exc:
             await batches.put(exc)
 
     task = asyncio.create_task(pump())

@@ -92,7 +92,14 @@ class Coordinator:
     _epoch: tuple[int, PolicyEpoch] | None = None  # (mod_revision, epoch) last read
 
     async def start(self) -> tuple[PolicyEpoch, tuple[Revoked, ...]]:
-        return await self.publish_policy(self.policy)
+        """Publish ``policy`` if the cluster has none yet; otherwise adopt the one in force.
+
+        A replica restarting with an older file must not roll the cluster back: a different
+        file is published only by a reload (SIGHUP or the admin API).
+        """
+        if await self.store.get(POLICY_KEY) is None:
+            return await self.publish_policy(self.policy)
+        return await self.current(), ()
 
     # -- policy epochs ----------------------------------------------------------------------
 
@@ -124,14 +131,7 @@ class Coordinator:
                 break
             number = previous.epoch + 1 if previous else 1
             epoch = PolicyEpoch(number, digest, policy, int(self.clock.now()))
-            written = (
-                await self.store.create(POLICY_KEY, epoch.to_bytes())
-                if held is None
-                else await self.store.put_if(
-                    POLICY_KEY, epoch.to_bytes(), mod_revision=held.mod_revision
-                )
-            )
-            if written.succeeded:
+            if (await self.store.replace(POLICY_KEY, epoch.to_bytes(), held)).succeeded:
                 break
         await self.current()
         return epoch, await self.sweep(epoch.policy)
@@ -144,39 +144,49 @@ class Coordinator:
             refusals = recheck(record, policy)
             if refusals and record.revoked is None:
                 reason = "; ".join(f"{r.code}: {r.message}" for r in refusals)
-                out.append(await self._revoke(record, reason, forget=True))
+                done = await self._revoke(record.group, record.peer_id, reason, forget=True)
+                out += [done] if done is not None else []
         return tuple(out)
 
     async def revoke_peer(self, group: str, peer_id: str, reason: str) -> Revoked | None:
-        """An administrator's revocation: the instance keeps the peer id but is not let back."""
-        held = await self.store.get(admission_key(group, peer_id))
-        if held is None:
-            return None
-        return await self._revoke(AdmissionRecord.from_bytes(held.value), reason, forget=False)
+        """An administrator's revocation: that instance is never admitted as this peer again
+        (PEER_REVOKED); another instance may take the peer id. None if it was not admitted."""
+        return await self._revoke(group, peer_id, reason, forget=False)
 
-    async def _revoke(self, record: AdmissionRecord, reason: str, *, forget: bool) -> Revoked:
-        now = self.clock.now()
-        live = record.live_certs(now)
-        for cert in live:
-            entry = Revocation(
-                cert.serial, record.group, record.peer_id, reason, cert.not_after, int(now)
+    async def _revoke(
+        self, group: str, peer_id: str, reason: str, *, forget: bool
+    ) -> Revoked | None:
+        """Publish the live serials, then change the record only if it is still what was read:
+        a renewal racing with the revocation makes it go round again, with that serial too."""
+        key = admission_key(group, peer_id)
+        while True:
+            held = await self.store.get(key)
+            if held is None:
+                return None
+            record = AdmissionRecord.from_bytes(held.value)
+            now = self.clock.now()
+            live = record.live_certs(now)
+            for cert in live:
+                entry = Revocation(cert.serial, group, peer_id, reason, cert.not_after, int(now))
+                lease = await self.store.grant(int(cert.not_after - now) + REVOCATION_SLACK)
+                await self.store.put(revocation_key(cert.serial), entry.to_bytes(), lease=lease.id)
+            revoked = replace(record, certs=(), revoked=reason).to_bytes()
+            written = (
+                await self.store.delete_if(key, mod_revision=held.mod_revision)
+                if forget
+                else await self.store.put_if(key, revoked, mod_revision=held.mod_revision)
             )
-            lease = await self.store.grant(int(cert.not_after - now) + REVOCATION_SLACK)
-            await self.store.put(revocation_key(cert.serial), entry.to_bytes(), lease=lease.id)
-        key = admission_key(record.group, record.peer_id)
-        if forget:
-            await self.store.delete(key)
-        else:
-            await self.store.put(key, replace(record, certs=(), revoked=reason).to_bytes())
-        peer_lease = await self.store.get(lease_key(record.group, record.peer_id))
+            if written.succeeded:
+                break
+        peer_lease = await self.store.get(lease_key(group, peer_id))
         if peer_lease is not None:  # its catalog entries go with it
             try:
                 await self.store.revoke(json.loads(peer_lease.value)["lease"])
             except StoreError as exc:
                 if exc.reason is not StoreErrorReason.LEASE_NOT_FOUND:
                     raise
-            await self.store.delete(lease_key(record.group, record.peer_id))
-        return Revoked(record.group, record.peer_id, tuple(c.serial for c in live), reason)
+            await self.store.delete(lease_key(group, peer_id))
+        return Revoked(group, peer_id, tuple(c.serial for c in live), reason)
 
     async def admissions(self) -> list[AdmissionRecord]:
         return [
@@ -215,15 +225,16 @@ class Coordinator:
         )
         if not isinstance(result, Admitted):
             raise AdmissionRefused(result)
-        reply, record = await self._issue(request, result, now)
+        reply, record = await self._issue(request, result, now, epoch.policy)
         later = await self.current()
         if later.epoch != epoch.epoch and (refusals := recheck(record, later.policy)):
-            await self._revoke(record, "policy changed during admission", forget=True)
+            reason = "policy changed during admission"
+            await self._revoke(record.group, record.peer_id, reason, forget=True)
             raise AdmissionRefused(refusals)
         return reply
 
     async def _issue(
-        self, request: AdmissionRequest, admitted: Admitted, now: float
+        self, request: AdmissionRequest, admitted: Admitted, now: float, policy: ClusterPolicy
     ) -> tuple[dict[str, Any], AdmissionRecord]:
         ident = admitted.identity
         assert ident.app_id is not None and ident.instance_id is not None
@@ -244,9 +255,9 @@ class Coordinator:
                 Reason.PEER_ID_IN_USE,
                 f"peer id {request.peer_id!r} is held by live instance {previous.instance_id}",
             )
-        ttl = dt.timedelta(seconds=self.policy.svid_ttl_seconds)
+        ttl = dt.timedelta(seconds=policy.svid_ttl_seconds)
         issued_at = dt.datetime.fromtimestamp(now, dt.UTC)
-        spiffe = spiffe_id(self.policy.cluster, request.group, request.peer_id)
+        spiffe = spiffe_id(policy.cluster, request.group, request.peer_id)
         cert = issue_svid(
             self.ca_key, self.ca_cert, request.public_key,
             spiffe=spiffe, peer_id=request.peer_id, app_id=ident.app_id,
@@ -269,11 +280,7 @@ class Coordinator:
             admitted_at=int(now),
             certs=(*kept, LiveCert(cert.serial_number, not_after)),
         )
-        written = (
-            await self.store.create(key, record.to_bytes())
-            if held is None
-            else await self.store.put_if(key, record.to_bytes(), mod_revision=held.mod_revision)
-        )
+        written = await self.store.replace(key, record.to_bytes(), held)
         if not written.succeeded:  # another coordinator admitted this peer id meanwhile
             raise refuse(Reason.PEER_ID_IN_USE, f"peer id {request.peer_id!r} was just admitted")
         reply = {

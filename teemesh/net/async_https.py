@@ -78,10 +78,10 @@ class AsyncAttestedHttps:
                     async for chunk in chunks:
                         data += chunk
                         if len(data) > MAX_REPLY:
-                            raise PeerError(f"{where}: reply over {MAX_REPLY} bytes")
+                            raise PeerError(f"reply over {MAX_REPLY} bytes")
                 finally:
                     await chunks.aclose()  # type: ignore[attr-defined]
-        except (OSError, TimeoutError, h11.ProtocolError, ssl.SSLError) as exc:
+        except (OSError, TimeoutError, ValueError, h11.ProtocolError, ssl.SSLError) as exc:
             raise PeerError(f"{where}: {exc or type(exc).__name__}") from exc
         except MeshError as exc:
             raise PeerError(f"{where}: {exc}") from exc
@@ -100,7 +100,7 @@ class AsyncAttestedHttps:
         try:
             async with asyncio.timeout(self.timeout):
                 return await self._open_exchange("GET", path, None, headers)
-        except (OSError, TimeoutError, h11.ProtocolError, ssl.SSLError) as exc:
+        except (OSError, TimeoutError, ValueError, h11.ProtocolError, ssl.SSLError) as exc:
             raise PeerError(f"{self.url}{path}: {exc or type(exc).__name__}") from exc
         except MeshError as exc:
             raise PeerError(f"{self.url}{path}: {exc}") from exc

@@ -239,3 +239,23 @@ def test_malformed_requests_name_the_field(change: dict, field: str) -> None:
     with pytest.raises(InputError) as info:
         AdmissionRequest.from_json({**doc, **change})
     assert info.value.field is not None and info.value.field.startswith(field)
+
+
+def test_a_replica_starting_with_another_policy_adopts_the_one_in_force(tmp_path: Path) -> None:
+    """A replica restarted with an old file must not roll the cluster back; a reload may."""
+
+    async def run() -> None:
+        world = World(tmp_path, _policy())
+        async with world as first:
+            in_force = await first.current()
+            ca = mesh_ca_cert(world.ca_key, "demo")
+            stale = _policy(peer_ids=["web-9"])
+            other = Coordinator(stale, world.store, world.ca_key, ca, clock=world.clock)
+            adopted, revoked = await other.start()
+            assert (adopted.epoch, adopted.digest, revoked) == (in_force.epoch, in_force.digest, ())
+            assert other.policy == first.policy != stale
+            published, _ = await other.publish_policy(stale)
+            assert published.epoch == in_force.epoch + 1
+            assert (await first.current()).policy == stale
+
+    asyncio.run(run())

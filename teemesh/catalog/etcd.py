@@ -40,8 +40,10 @@ from teemesh.catalog.store import (
     StoreErrorReason,
     Watch,
     by_revision,
+    invalid,
     lease_not_found,
     prefix_end,
+    unavailable,
 )
 from teemesh.encoding import DNS_LABEL
 
@@ -51,7 +53,7 @@ _INVALID_ARGUMENT, _OUT_OF_RANGE = 3, 11  # gRPC status codes meaning "the reque
 def cluster_prefix(cluster: str) -> str:
     """Where a cluster's keys live in a shared etcd: ``/teemesh/<cluster>/``."""
     if not DNS_LABEL.fullmatch(cluster):
-        raise _invalid("cluster", "must be 1-63 lowercase letters, digits or '-' (a DNS label)")
+        raise invalid("cluster", "must be 1-63 lowercase letters, digits or '-' (a DNS label)")
     return f"/teemesh/{cluster}/"
 
 
@@ -92,11 +94,11 @@ class EtcdStore(Store):
         """
         urls = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         if not urls or not all(re.fullmatch(r"https?://[^/\s]+/?", url) for url in urls):
-            raise _invalid("endpoints", "must be one or more http(s)://host:port URLs")
+            raise invalid("endpoints", "must be one or more http(s)://host:port URLs")
         if not prefix.startswith("/") or not prefix.endswith("/") or len(prefix) < 2:
-            raise _invalid("prefix", "must start and end with '/', like /teemesh/<cluster>/")
+            raise invalid("prefix", "must start and end with '/', like /teemesh/<cluster>/")
         if not timeout > 0 or not watch_idle > 0:
-            raise _invalid("timeout", "timeouts must be positive seconds")
+            raise invalid("timeout", "timeouts must be positive seconds")
         http = httpx.AsyncClient(
             timeout=timeout,
             verify=tls or True,
@@ -116,7 +118,7 @@ class EtcdStore(Store):
         if http is None:
             return
         for watch in list(self._watches):
-            await watch._end(_unavailable("the store was closed"))
+            await watch._end(unavailable("the store was closed"))
         await http.aclose()
 
     # -- reads --------------------------------------------------------------------------------
@@ -238,12 +240,12 @@ class EtcdStore(Store):
                 failures.append(f"{endpoint}: {exc or type(exc).__name__}")
                 self._current = (self._current + 1) % len(self.endpoints)
             except httpx.HTTPError as exc:
-                raise _unavailable(f"{endpoint}: {exc or type(exc).__name__}") from exc
-        raise _unavailable(f"no etcd endpoint answered ({'; '.join(failures)})")
+                raise unavailable(f"{endpoint}: {exc or type(exc).__name__}") from exc
+        raise unavailable(f"no etcd endpoint answered ({'; '.join(failures)})")
 
     def _client(self) -> httpx.AsyncClient:
         if self._http is None:
-            raise _unavailable("the store is closed")
+            raise unavailable("the store is closed")
         return self._http
 
     def _b64key(self, key: str) -> str:
@@ -355,10 +357,10 @@ class _EtcdWatch(Watch):
             self._lines = response.aiter_lines()
             created = await self._message(store.timeout)
             if not created.get("created"):
-                raise _unavailable("etcd did not confirm the watch")
+                raise unavailable("etcd did not confirm the watch")
         except TimeoutError as exc:
             await self._stack.aclose()
-            raise _unavailable(f"etcd did not confirm the watch in {store.timeout} s") from exc
+            raise unavailable(f"etcd did not confirm the watch in {store.timeout} s") from exc
         except BaseException:
             await self._stack.aclose()
             raise
@@ -376,7 +378,7 @@ class _EtcdWatch(Watch):
             ending = self._ending()  # closed or ended meanwhile: say so, not "stream ended"
             if ending is not None:
                 raise ending from None
-            raise _unavailable(f"the watch stream ended: {exc or type(exc).__name__}") from exc
+            raise unavailable(f"the watch stream ended: {exc or type(exc).__name__}") from exc
         try:
             message = json.loads(line)
         except ValueError as exc:
@@ -397,7 +399,7 @@ class _EtcdWatch(Watch):
                 field="start_revision",
                 compact_revision=compact,
             )
-        return _unavailable(f"etcd cancelled the watch: {result.get('cancel_reason', '')}")
+        return unavailable(f"etcd cancelled the watch: {result.get('cancel_reason', '')}")
 
 
 def _reply(response: httpx.Response, content: bytes) -> dict[str, Any]:
@@ -405,7 +407,7 @@ def _reply(response: httpx.Response, content: bytes) -> dict[str, Any]:
     try:
         data = json.loads(content)
     except ValueError as exc:
-        raise _unavailable(
+        raise unavailable(
             f"{response.url} answered HTTP {response.status_code} with no JSON"
         ) from exc
     if not isinstance(data, dict):
@@ -428,7 +430,7 @@ def _etcd_error(data: dict[str, Any]) -> StoreError:
         return StoreError(StoreErrorReason.COMPACTED, f"etcd: {message}")
     if code in (_INVALID_ARGUMENT, _OUT_OF_RANGE):
         return StoreError(StoreErrorReason.INVALID_ARGUMENT, f"etcd: {message}")
-    return _unavailable(f"etcd: {message}")
+    return unavailable(f"etcd: {message}")
 
 
 def _revision(reply: dict[str, Any]) -> int:
@@ -465,12 +467,4 @@ def _unb64(value: object) -> bytes:
 
 
 def _malformed(what: str, exc: Exception) -> StoreError:
-    return _unavailable(f"etcd sent a malformed {what}: {exc}")
-
-
-def _unavailable(message: str) -> StoreError:
-    return StoreError(StoreErrorReason.UNAVAILABLE, message)
-
-
-def _invalid(field: str, message: str) -> StoreError:
-    return StoreError(StoreErrorReason.INVALID_ARGUMENT, message, field=field)
+    return unavailable(f"etcd sent a malformed {what}: {exc}")

@@ -44,6 +44,7 @@ from teemesh.catalog.store import (
     by_revision,
     lease_not_found,
     prefix_end,
+    unavailable,
 )
 from teemesh.clock import Clock, SystemClock
 
@@ -111,7 +112,7 @@ class SqliteStore(Store):
         if db is None:
             return
         for watch in list(self._watchers):
-            await watch._end(StoreError(StoreErrorReason.UNAVAILABLE, "the store was closed"))
+            await watch._end(unavailable("the store was closed"))
         if self._reaper is not None:
             self._reaper.cancel()
             await asyncio.wait({self._reaper})
@@ -271,7 +272,7 @@ class SqliteStore(Store):
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
-            raise StoreError(StoreErrorReason.UNAVAILABLE, f"the store {self.path} is closed")
+            raise unavailable(f"the store {self.path} is closed")
         return self._db
 
     @contextmanager
@@ -290,7 +291,7 @@ class SqliteStore(Store):
                     db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
-            raise StoreError(StoreErrorReason.UNAVAILABLE, f"SQLite {self.path}: {exc}") from exc
+            raise unavailable(f"SQLite {self.path}: {exc}") from exc
         self._compact_revision = max(self._compact_revision, txn.compact_to)
         if txn.events:  # grants, refreshes and lost compare-and-sets change nothing to watch
             self._head = txn.revision
@@ -311,9 +312,7 @@ class SqliteStore(Store):
                 txn.compact_to = txn.revision - self._history + 1
         if txn.compact_to > self._compact_revision:
             db.execute("DELETE FROM history WHERE revision < ?", (txn.compact_to,))
-            db.execute(
-                "UPDATE meta SET value = ? WHERE name = 'compact_revision'", (txn.compact_to,)
-            )
+            _set_meta(db, "compact_revision", txn.compact_to)
 
     def _read(self, key: str) -> KeyValue | None:
         row = (
@@ -470,4 +469,4 @@ def _key_value(row: tuple[bytes, bytes, int, int, int, int | None]) -> KeyValue:
 
 
 def _unusable(path: Path, why: str) -> StoreError:
-    return StoreError(StoreErrorReason.UNAVAILABLE, f"cannot use {path} as a store: {why}")
+    return unavailable(f"cannot use {path} as a store: {why}")

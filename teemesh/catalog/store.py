@@ -163,7 +163,7 @@ class Watch(ABC):
 
     async def __anext__(self) -> tuple[Event, ...]:
         if not self._opened:
-            raise _invalid("watch", "enter the watch with 'async with'")
+            raise invalid("watch", "enter the watch with 'async with'")
         while not self._pending:
             ending = self._ending()
             if ending is not None:
@@ -265,7 +265,7 @@ class Store(ABC):
     async def grant(self, ttl: int) -> Lease:
         """A new lease that lives ``ttl`` seconds unless refreshed."""
         if not _is_int(ttl) or not 1 <= ttl <= MAX_LEASE_TTL:
-            raise _invalid("ttl", f"must be whole seconds from 1 to {MAX_LEASE_TTL}")
+            raise invalid("ttl", f"must be whole seconds from 1 to {MAX_LEASE_TTL}")
         return await self._grant(ttl)
 
     async def refresh(self, lease_id: int) -> Lease:
@@ -343,29 +343,29 @@ def lease_not_found(lease_id: int) -> StoreError:
 def check_key(key: object, *, field: str = "key", empty: bool = False) -> str:
     """A key (or, with ``empty``, a prefix): a str of at most MAX_KEY_BYTES UTF-8 bytes."""
     if not isinstance(key, str):
-        raise _invalid(field, f"must be a str, not {type(key).__name__}")
+        raise invalid(field, f"must be a str, not {type(key).__name__}")
     if not key and not empty:
-        raise _invalid(field, "must not be empty")
+        raise invalid(field, "must not be empty")
     try:
         size = len(key.encode())
     except UnicodeEncodeError as exc:
-        raise _invalid(field, "is not valid Unicode (lone surrogate)") from exc
+        raise invalid(field, "is not valid Unicode (lone surrogate)") from exc
     if size > MAX_KEY_BYTES:
-        raise _invalid(field, f"is {size} bytes long; the limit is {MAX_KEY_BYTES}")
+        raise invalid(field, f"is {size} bytes long; the limit is {MAX_KEY_BYTES}")
     return key
 
 
 def check_value(value: object) -> bytes:
     if not isinstance(value, bytes):
-        raise _invalid("value", f"must be bytes, not {type(value).__name__}")
+        raise invalid("value", f"must be bytes, not {type(value).__name__}")
     if len(value) > MAX_VALUE_BYTES:
-        raise _invalid("value", f"is {len(value)} bytes long; the limit is {MAX_VALUE_BYTES}")
+        raise invalid("value", f"is {len(value)} bytes long; the limit is {MAX_VALUE_BYTES}")
     return value
 
 
 def check_revision(revision: object, field: str) -> int:
     if not _is_int(revision) or not 1 <= revision <= MAX_INT64:
-        raise _invalid(field, "must be a positive revision")
+        raise invalid(field, "must be a positive revision")
     return revision
 
 
@@ -388,7 +388,7 @@ def _check_lease_id(lease: object) -> int | None:
 
 def _require_lease_id(lease: object) -> int:
     if not _is_int(lease) or not 1 <= lease <= MAX_INT64:
-        raise _invalid("lease", "must be a lease id (a positive integer)")
+        raise invalid("lease", "must be a lease id (a positive integer)")
     return lease
 
 
@@ -396,5 +396,9 @@ def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _invalid(field: str, message: str) -> StoreError:
+def invalid(field: str, message: str) -> StoreError:
     return StoreError(StoreErrorReason.INVALID_ARGUMENT, message, field=field)
+
+
+def unavailable(message: str) -> StoreError:
+    return StoreError(StoreErrorReason.UNAVAILABLE, message)

@@ -16,8 +16,9 @@ from teemesh.attest.dcap import CollateralStore
 from teemesh.attest.dstack import compose_hash
 from teemesh.attest.policy import load_policy
 from teemesh.attest.simulated import OsImage, PlatformKey, SimulatedCvm
+from teemesh.cli._options import collateral_option
 from teemesh.cli._output import fail, stderr, stdout, table
-from teemesh.encoding import parse_hex
+from teemesh.encoding import load_json, parse_hex
 from teemesh.errors import InputError, MeshError
 from teemesh.fsutil import append_private, write_private
 from teemesh.platform.agent import GuestAgent
@@ -95,11 +96,7 @@ def load_or_create_platform_key(path: Path) -> PlatformKey:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Attestation policy the KMS must satisfy (required with --kms-url).",
 )
-@click.option(
-    "--collateral",
-    type=click.Path(exists=True, path_type=Path),
-    help="DCAP collateral for checking a KMS with a tee: tdx policy.",
-)
+@collateral_option
 @click.option(
     "--encrypted-env",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -191,8 +188,8 @@ def agent(
 def _compose_settings(compose: bytes) -> dict[str, Any]:
     """The app-compose fields the guest acts on; the bytes themselves are measured as they are."""
     try:
-        doc = json.loads(compose)
-    except ValueError:
+        doc = load_json(compose, field="app-compose")
+    except InputError:
         return {}
     return doc if isinstance(doc, dict) else {}
 

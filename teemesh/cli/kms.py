@@ -38,8 +38,9 @@ def _authorizer(webhook: str | None, config: Path | None, dev: str | None) -> Bo
     if webhook is not None:
         return WebhookAuth(webhook)
     if config is not None:
-        ConfigAuth(config).load()  # a broken file stops start-up instead of denying every boot
-        return ConfigAuth(config)
+        auth = ConfigAuth(config)
+        auth.load()  # a broken file stops start-up instead of denying every boot
+        return auth
     assert dev is not None
     return DevAuth(dev)
 

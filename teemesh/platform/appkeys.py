@@ -8,7 +8,6 @@ is self-signed.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -21,9 +20,7 @@ from teemesh.encoding import load_json, parse_hex, string_field
 from teemesh.errors import InputError
 from teemesh.identity.certs import (
     CertSpec,
-    cert_pem,
     issue,
-    key_pem,
     load_cert_pem,
     load_key_pem,
 )
@@ -43,19 +40,6 @@ class AgentKeys:
     provider: KeyProvider
     kms_ca_cert: x509.Certificate | None = None
     """KMS mode: the KMS root CA above ``ca_cert``, so leaf chains run up to it."""
-
-    def to_json(self) -> dict[str, Any]:
-        """dstack's appkeys.json; ``Kms`` or ``None`` names where the keys came from."""
-        variant = "Kms" if self.provider.name == "kms" else "None"
-        return {
-            "disk_crypt_key": self.disk_crypt_key.hex(),
-            "env_crypt_key": self.env_crypt_key.hex(),
-            "k256_key": self.k256_key.hex(),
-            "k256_signature": self.k256_signature.hex(),
-            "gateway_app_id": self.gateway_app_id,
-            "ca_cert": cert_pem(self.ca_cert),
-            "key_provider": {variant: {"key": key_pem(self.ca_key)}},
-        }
 
 
 def keys_from_seed(seed: bytes | None = None, *, now: dt.datetime | None = None) -> AgentKeys:
@@ -114,10 +98,6 @@ def load_appkeys(text: str | bytes) -> AgentKeys:
         if kms
         else KeyProvider(variant.lower(), ""),
     )
-
-
-def dump_appkeys(agent_keys: AgentKeys) -> str:
-    return json.dumps(agent_keys.to_json(), indent=2)
 
 
 def keys_from_kms(reply: Any, root_ca: x509.Certificate) -> AgentKeys:

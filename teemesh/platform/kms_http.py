@@ -45,8 +45,11 @@ def create_app(kms: KmsService, log: Callable[[str], None] = _log) -> FastAPI:
             return error_response(InputError(f"no such method {method!r}", field="method"))
         der = getattr(request.state, PEER_CERT, None)
         try:
-            args = await request_arguments(request)
             cert = x509.load_der_x509_certificate(der) if der else None
+        except ValueError as exc:  # an undecodable client certificate
+            return error_response(InputError(str(exc), field="client certificate"))
+        try:
+            args = await request_arguments(request)
             reply = await run_in_threadpool(call, kms, cert, args)
         except PeerError as exc:  # a webhook we depend on failed: not the caller's fault
             log(f"{name}: refused, boot authorization unavailable: {exc}")
@@ -54,8 +57,6 @@ def create_app(kms: KmsService, log: Callable[[str], None] = _log) -> FastAPI:
         except MeshError as exc:
             log(f"{name}: refused: {exc}")
             return error_response(exc)
-        except ValueError as exc:  # an undecodable client certificate
-            return error_response(InputError(str(exc), field="client certificate"))
         return JSONResponse(reply)
 
     return app

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _harness import Processes, free_port, percentile
 
 from teemesh.platform.bootauth import BootInfo, WebhookAuth
 
@@ -30,8 +30,17 @@ INFO = BootInfo(
 )
 
 
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), 0.2).close()
+    except OSError:
+        return False
+    return True
+
+
 def main() -> None:
-    with tempfile.TemporaryDirectory() as folder, socket.socket() as probe:
+    procs = Processes()
+    with tempfile.TemporaryDirectory() as folder:
         config = Path(folder) / "auth.json"
         config.write_text(
             json.dumps(
@@ -41,26 +50,11 @@ def main() -> None:
                 }
             )
         )
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-        probe.close()
-        teemesh = Path(sys.executable).parent / "teemesh"
-        args = [str(teemesh), "kms", "auth-simple", "--config", str(config)]
-        server = subprocess.Popen(
-            [*args, "--listen", f"127.0.0.1:{port}"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), 0.2).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise SystemExit("auth-simple did not start") from None
-                    time.sleep(0.05)
+        port = free_port()
+        args = ["kms", "auth-simple", "--config", str(config), "--listen", f"127.0.0.1:{port}"]
+        log = Path(folder) / "auth-simple.log"
+        try:  # started, and stopped (SIGTERM, then SIGKILL after 10 s), by its PID
+            procs.start("kms auth-simple", args, log, lambda: _listening(port))
             with WebhookAuth(f"http://127.0.0.1:{port}") as auth:
                 for _ in range(20):  # warm up
                     assert auth.authorize(INFO, "app").is_allowed
@@ -70,10 +64,8 @@ def main() -> None:
                     auth.authorize(INFO, "app")
                     samples.append((time.perf_counter() - start) * 1000)
         finally:
-            server.terminate()
-            server.wait()
-    samples.sort()
-    p99 = samples[int(len(samples) * 0.99)]
+            procs.stop()
+    p99 = percentile(samples, 0.99)
     rate = 1000 / statistics.mean(samples)
     p50 = statistics.median(samples)
     print(f"webhook authorize: p50 {p50:.2f} ms, p99 {p99:.2f} ms, {rate:.0f}/s")

@@ -16,17 +16,13 @@ import uuid
 from pathlib import Path
 
 import uvloop
+from _harness import percentile
 
 from teemesh.catalog.etcd import EtcdStore
 from teemesh.catalog.sqlite import SqliteStore
 from teemesh.catalog.store import Store
 
 VALUE = b"x" * 200  # about one service instance record
-
-
-def percentile(samples: list[float], fraction: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
 
 
 def report(name: str, what: str, samples: list[float]) -> None:

@@ -90,33 +90,39 @@ def _launch(binary: str, home: Path, size: int, timing: tuple[int, int]) -> list
     initial = ",".join(f"{name}={peer}" for name, peer in zip(names, peers, strict=True))
     heartbeat, election = timing
     token = f"teemesh-test-{uuid.uuid4().hex[:12]}"
-    members = []
-    for name, port, peer in zip(names, ports[:size], peers, strict=True):
-        client, data, log = f"http://127.0.0.1:{port}", home / f"{name}.data", home / f"{name}.log"
-        shutil.rmtree(data, ignore_errors=True)
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                [
-                    binary,
-                    f"--name={name}",
-                    f"--data-dir={data}",
-                    f"--listen-client-urls={client}",
-                    f"--advertise-client-urls={client}",
-                    f"--listen-peer-urls={peer}",
-                    f"--initial-advertise-peer-urls={peer}",
-                    f"--initial-cluster={initial}",
-                    "--initial-cluster-state=new",
-                    f"--initial-cluster-token={token}",
-                    f"--heartbeat-interval={heartbeat}",
-                    f"--election-timeout={election}",
-                    *(["--pre-vote=true"] if size > 1 else []),
-                    "--logger=zap",
-                    "--log-level=warn",
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        members.append(EtcdServer(name, client, process, log, data))
+    members: list[EtcdServer] = []
+    try:
+        for name, port, peer in zip(names, ports[:size], peers, strict=True):
+            client, data = f"http://127.0.0.1:{port}", home / f"{name}.data"
+            log = home / f"{name}.log"
+            shutil.rmtree(data, ignore_errors=True)
+            with log.open("wb") as out:
+                process = subprocess.Popen(
+                    [
+                        binary,
+                        f"--name={name}",
+                        f"--data-dir={data}",
+                        f"--listen-client-urls={client}",
+                        f"--advertise-client-urls={client}",
+                        f"--listen-peer-urls={peer}",
+                        f"--initial-advertise-peer-urls={peer}",
+                        f"--initial-cluster={initial}",
+                        "--initial-cluster-state=new",
+                        f"--initial-cluster-token={token}",
+                        f"--heartbeat-interval={heartbeat}",
+                        f"--election-timeout={election}",
+                        *(["--pre-vote=true"] if size > 1 else []),
+                        "--logger=zap",
+                        "--log-level=warn",
+                    ],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            members.append(EtcdServer(name, client, process, log, data))
+    except BaseException:  # a member could not start: stop those already running
+        for member in members:
+            member.stop()
+        raise
     return members
 
 

@@ -7,16 +7,16 @@ auth-simple config parser. Whatever parses must also decide without raising and 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+import fuzzkit
+from fuzzkit import input_error_only
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from teemesh.config import ConfigError
-from teemesh.errors import InputError
 from teemesh.platform.bootauth import (
     AuthInfo,
     AuthSimpleConfig,
@@ -25,23 +25,14 @@ from teemesh.platform.bootauth import (
     decide,
     parse_auth_config,
 )
+from teemesh.platform.kms import RootKeys, bootstrap_root_keys, root_keys_from_kms_key_reply
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 HEX = re.compile("(?:[0-9a-f]{2})*")
 
-text = st.text(max_size=16) | st.sampled_from(("\ud800", "UpToDate", "OutOfDate", "0x"))
-hexish = (
-    st.binary(max_size=40).map(bytes.hex)
-    | st.binary(max_size=40).map(lambda b: "0x" + b.hex().upper())
-    | st.sampled_from(("", "0x", "0X", "abc", "zz", "0xg0", "ab" * 32, "AB" * 20))
-    | st.text(max_size=12)
-)
-scalars = st.none() | st.booleans() | st.integers() | st.floats() | text | hexish
-json_values = st.recursive(
-    scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text, inner, max_size=4),
-    max_leaves=12,
-)
+text = fuzzkit.TEXT | st.sampled_from(("UpToDate", "OutOfDate"))
+hexish = fuzzkit.hexish()
+json_values = fuzzkit.json_values(text)
 
 BOOT_FIELDS = (
     "teeVariant",
@@ -72,15 +63,6 @@ GOOD_BOOT = {
 }
 
 
-def _input_error_only(parse: Any, *args: Any, **kwargs: Any) -> Any:
-    """The parser's value, or None when it raised InputError; anything else fails the test."""
-    try:
-        return parse(*args, **kwargs)
-    except InputError as exc:
-        assert str(exc), "an InputError must say what is wrong"
-        return None
-
-
 @st.composite
 def boot_docs(draw: st.DrawFn) -> dict[str, Any]:
     """Mostly-valid BootInfo documents: some fields dropped, some replaced, some added."""
@@ -107,7 +89,7 @@ def _check_boot_info(info: BootInfo) -> None:
 @FUZZ
 @given(json_values)
 def test_boot_info_arbitrary_json(doc: Any) -> None:
-    info = _input_error_only(BootInfo.from_json, doc)
+    info = input_error_only(BootInfo.from_json, doc)
     if info is not None:
         _check_boot_info(info)
 
@@ -115,7 +97,7 @@ def test_boot_info_arbitrary_json(doc: Any) -> None:
 @FUZZ
 @given(boot_docs())
 def test_boot_info_mutated_documents(doc: dict[str, Any]) -> None:
-    info = _input_error_only(BootInfo.from_json, doc)
+    info = input_error_only(BootInfo.from_json, doc)
     if info is not None:
         _check_boot_info(info)
 
@@ -128,7 +110,7 @@ def test_boot_info_mutated_documents(doc: dict[str, Any]) -> None:
     )
 )
 def test_boot_decision_arbitrary_json(doc: Any) -> None:
-    decision = _input_error_only(BootDecision.from_json, doc)
+    decision = input_error_only(BootDecision.from_json, doc)
     if decision is not None:
         assert BootDecision.from_json(decision.to_json()) == decision
 
@@ -145,7 +127,7 @@ def test_boot_decision_arbitrary_json(doc: Any) -> None:
     )
 )
 def test_auth_info_arbitrary_json(doc: Any) -> None:
-    info = _input_error_only(AuthInfo.from_json, doc)
+    info = input_error_only(AuthInfo.from_json, doc)
     if info is not None:
         assert AuthInfo.from_json(info.to_json()) == info
 
@@ -211,7 +193,7 @@ def _check_config(config: AuthSimpleConfig) -> None:
 @FUZZ
 @given(st.binary(max_size=200) | json_values.map(json.dumps))
 def test_config_arbitrary_bytes(data: bytes | str) -> None:
-    config = _input_error_only(parse_auth_config, data, source="x")
+    config = input_error_only(parse_auth_config, data, source="x")
     if config is not None:
         _check_config(config)
 
@@ -231,6 +213,61 @@ def test_config_plausible_documents(doc: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- the KMS's own parsers
 
 _ROOT_FIELDS = ("ca_key", "ca_cert", "k256_key", "temp_ca_key", "temp_ca_cert")
+ROOT_DOC = bootstrap_root_keys().to_json()
+"""Real roots, as a state file holds them: the seed the mutations start from."""
+
+
+def _handover(doc: dict[str, Any]) -> dict[str, Any]:
+    """The same fields as a GetKmsKey reply: the CA key and k256 key in ``keys[0]``."""
+    entry = {k: v for k, v in doc.items() if k in {"ca_key", "k256_key"}}
+    return {"keys": [entry], **{k: v for k, v in doc.items() if k not in {"ca_key", "k256_key"}}}
+
+
+@st.composite
+def root_docs(draw: st.DrawFn) -> dict[str, Any]:
+    """Real roots with up to two fields edited: dropped, truncated, one character changed, the
+    value of another field, any JSON value; and perhaps an unknown field added."""
+    doc: dict[str, Any] = dict(ROOT_DOC)
+    for key in draw(st.lists(st.sampled_from(_ROOT_FIELDS), max_size=2, unique=True)):
+        value = ROOT_DOC[key]
+        how = draw(st.sampled_from(("keep", "drop", "truncate", "flip", "other", "json")))
+        if how == "drop":
+            del doc[key]
+        elif how == "truncate":
+            doc[key] = value[: draw(st.integers(0, len(value)))]
+        elif how == "flip":
+            at = draw(st.integers(0, len(value) - 1))
+            doc[key] = value[:at] + draw(st.sampled_from("A/+=z0 \n-")) + value[at + 1 :]
+        elif how == "other":
+            doc[key] = ROOT_DOC[draw(st.sampled_from(_ROOT_FIELDS))]
+        elif how == "json":
+            doc[key] = draw(json_values)
+    doc.update(draw(st.dictionaries(st.just("extra"), json_values, max_size=1)))
+    return doc
+
+
+def _parsed_roots(parse: Any, *args: Any, **kwargs: Any) -> RootKeys | None:
+    """``parse``'s roots (which must round-trip), or None after an InputError naming the problem."""
+    keys = input_error_only(parse, *args, **kwargs)
+    if keys is not None:
+        assert RootKeys.from_json(keys.to_json(), field="root").to_json() == keys.to_json()
+    return keys
+
+
+@settings(max_examples=300, deadline=None)
+@example(dict(ROOT_DOC))
+@given(root_docs())
+def test_kms_root_keys_mutated(doc: dict[str, Any]) -> None:
+    """A damaged state file or GetKmsKey reply is an InputError, never a crash; the same fields
+    in either layout get the same answer."""
+    root = _parsed_roots(RootKeys.from_json, doc, field="root")
+    handed = _parsed_roots(root_keys_from_kms_key_reply, _handover(doc))
+    event("parsed" if root is not None else "refused")
+    assert (root is None) == (handed is None), (root, handed)
+    if root is not None and handed is not None:
+        assert root.to_json() == handed.to_json()
+    if {k: doc.get(k) for k in _ROOT_FIELDS} == ROOT_DOC:
+        assert root is not None and root.to_json() == ROOT_DOC
 
 
 @settings(max_examples=150, deadline=None)
@@ -238,14 +275,7 @@ _ROOT_FIELDS = ("ca_key", "ca_cert", "k256_key", "temp_ca_key", "temp_ca_cert")
     st.dictionaries(st.sampled_from((*_ROOT_FIELDS, "keys", "extra")), json_values, max_size=6)
     | json_values
 )
-def test_kms_root_keys_and_handover_replies(doc: Any) -> None:
-    """A damaged state file or a hostile GetKmsKey reply is an InputError, never a crash."""
-    from teemesh.platform.kms import RootKeys, root_keys_from_kms_key_reply
-
-    for parse in (
-        lambda: RootKeys.from_json(doc, field="root"),
-        lambda: root_keys_from_kms_key_reply(doc),
-        lambda: root_keys_from_kms_key_reply({"keys": [doc]}),
-    ):
-        with contextlib.suppress(InputError):
-            parse()
+def test_kms_root_keys_and_handover_replies_arbitrary_json(doc: Any) -> None:
+    _parsed_roots(RootKeys.from_json, doc, field="root")
+    _parsed_roots(root_keys_from_kms_key_reply, doc)
+    _parsed_roots(root_keys_from_kms_key_reply, {"keys": [doc]})

@@ -1,9 +1,9 @@
 """Fuzz the evidence parsers: each returns a value or raises ``InputError``, never anything else.
 
-Random bytes rarely get past a quote header, so most strategies start from the real vectors in
-../shared/vectors (and a few valid inputs built from them) and mutate them: truncate, flip,
-replace, insert, delete, splice two seeds, append garbage, or overwrite a length field with an
-"interesting" integer.
+Random bytes rarely get past a quote header, so most strategies start from the real vectors
+(conftest's ``vector_path``: ../shared/vectors or $TEEMESH_VECTORS) and a few valid inputs built
+from them, and mutate them: truncate, flip, replace, insert, delete, splice two seeds, append
+garbage, or overwrite a length field with an "interesting" integer.
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+import fuzzkit
 import pytest
+from conftest import vector_path
 from cryptography.hazmat.primitives.asymmetric import ec
+from fuzzkit import input_error_only
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -38,7 +40,6 @@ from teemesh.attest.verify import verify_evidence
 from teemesh.config import ConfigError, parse_model
 from teemesh.errors import EvidenceError, InputError
 
-VECTORS = Path(__file__).resolve().parents[2].parent / "shared" / "vectors"
 SIM_QUOTE = "dstack/simulator/attestation.quote.bin"
 SIM_ATTESTATION = "dstack/simulator/attestation.bin"
 SIM_EVENT_LOG = "dstack/simulator/attestation.event_log.json"
@@ -58,14 +59,8 @@ FUZZ_MUTATE = settings(FUZZ, max_examples=800)  # cheap per example: mutations o
 
 
 def _vector(relative: str) -> bytes:
-    path = VECTORS / relative
-    if not path.is_file():
-        pytest.fail(
-            f"test vector {path} is missing: the shared/vectors folder must sit beside the repo "
-            f"(looked in {VECTORS})",
-            pytrace=False,
-        )
-    return path.read_bytes()
+    """A vector's bytes; conftest's ``vector_path`` fails (never skips) when it is missing."""
+    return vector_path(relative).read_bytes()
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -266,24 +261,9 @@ any_text = (
     | st.text(max_size=4)
     | st.sampled_from(("\ud800", "a\udfffb", "\udbff\udc00", "[/]"))
 )
-json_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats()
-    | any_text
-    | st.sampled_from(("", "00", "0x", "zz", "ab" * 48, "ab" * 32, "ab" * 20))
-)
-json_values = st.recursive(
-    json_scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(any_text, inner),
-    max_leaves=12,
-)
-hexish = (
-    st.binary(max_size=80).map(bytes.hex)
-    | st.sampled_from(("", "0x", "0X00", "abc", "zz", "ab" * 48, "AB" * 48))
-    | st.text(max_size=20)
-)
+json_scalars = fuzzkit.json_scalars(any_text)
+json_values = fuzzkit.json_values(any_text)
+hexish = fuzzkit.hexish(max_bytes=80)
 EVENT_NAMES = (
     "system-preparing",
     "app-id",
@@ -364,23 +344,12 @@ event_lists = st.lists(runtime_event_dicts(), max_size=10) | st.lists(
 # --------------------------------------------------------------------------- property helpers
 
 
-def _accepts_or_input_error(parse: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Return the parser's value, or None when it raised InputError; anything else propagates."""
-    try:
-        return parse(*args, **kwargs)
-    except InputError as exc:
-        assert str(exc), "an InputError must say what is wrong"
-        if isinstance(exc, EvidenceError):
-            assert exc.field, "an EvidenceError must name a field"
-        return None
-
-
 def _load_then_analyze(data: bytes) -> None:
     """load_evidence, then analyze and to_json (what ``attest inspect`` runs): InputError only."""
-    evidence = _accepts_or_input_error(load_evidence, data)
+    evidence = input_error_only(load_evidence, data)
     if evidence is None:
         return
-    analysis = _accepts_or_input_error(analyze, evidence)
+    analysis = input_error_only(analyze, evidence)
     if analysis is None:
         return
     doc = analysis.to_json()
@@ -427,7 +396,7 @@ def test_seeds_are_valid_inputs() -> None:
     )
 )
 def test_parse_quote_random_bytes(data: bytes) -> None:
-    quote = _accepts_or_input_error(parse_quote, data)
+    quote = input_error_only(parse_quote, data)
     if quote is not None:
         _check_quote(quote, data)
 
@@ -435,7 +404,7 @@ def test_parse_quote_random_bytes(data: bytes) -> None:
 @FUZZ_MUTATE
 @given(mutated("quotes"))
 def test_parse_quote_mutated_vectors(data: bytes) -> None:
-    quote = _accepts_or_input_error(parse_quote, data)
+    quote = input_error_only(parse_quote, data)
     if quote is not None:
         _check_quote(quote, data)
 
@@ -477,21 +446,21 @@ def test_parse_quote_truncated_at_every_length(name: str) -> None:
 @FUZZ
 @given(st.text() | st.binary())
 def test_parse_event_log_random_text(text: str | bytes) -> None:
-    _accepts_or_input_error(parse_event_log, text)
+    input_error_only(parse_event_log, text)
 
 
 @FUZZ
 @given(json_values | st.lists(json_values))
 def test_parse_event_log_arbitrary_json_values(value: Any) -> None:
-    _accepts_or_input_error(parse_event_log, json.dumps(value))
+    input_error_only(parse_event_log, json.dumps(value))
     if isinstance(value, list):
-        _accepts_or_input_error(parse_event_log, value)
+        input_error_only(parse_event_log, value)
 
 
 @FUZZ
 @given(event_lists, st.booleans())
 def test_parse_event_log_event_lists(events: list[dict[str, Any]], as_text: bool) -> None:
-    parsed = _accepts_or_input_error(parse_event_log, json.dumps(events) if as_text else events)
+    parsed = input_error_only(parse_event_log, json.dumps(events) if as_text else events)
     if parsed is None:
         return
     assert len(parsed) == len(events)
@@ -499,17 +468,17 @@ def test_parse_event_log_event_lists(events: list[dict[str, Any]], as_text: bool
         assert 0 <= event.imr <= 3
         assert len(event.digest) == 48 or (event.is_runtime and not event.digest)
     # What analyze does with a parsed log: replay it and read dstack's identity from it.
-    _accepts_or_input_error(replay, parsed)
-    _accepts_or_input_error(identity_from_events, parsed)
+    input_error_only(replay, parsed)
+    input_error_only(identity_from_events, parsed)
 
 
 @FUZZ_MUTATE
 @given(mutated("event_logs"))
 def test_parse_event_log_mutated_vectors(data: bytes) -> None:
-    parsed = _accepts_or_input_error(parse_event_log, data)
+    parsed = input_error_only(parse_event_log, data)
     if parsed is not None:
-        _accepts_or_input_error(replay, parsed)
-        _accepts_or_input_error(identity_from_events, parsed)
+        input_error_only(replay, parsed)
+        input_error_only(identity_from_events, parsed)
 
 
 # --------------------------------------------------------------------------- decode_attestation_v0
@@ -518,13 +487,13 @@ def test_parse_event_log_mutated_vectors(data: bytes) -> None:
 @FUZZ
 @given(st.binary(max_size=600) | st.binary(max_size=600).map(lambda b: b"\x00\x00" + b))
 def test_decode_attestation_random_bytes(data: bytes) -> None:
-    _accepts_or_input_error(decode_attestation_v0, data)
+    input_error_only(decode_attestation_v0, data)
 
 
 @FUZZ_MUTATE
 @given(mutated("attestations"))
 def test_decode_attestation_mutated_vectors(data: bytes) -> None:
-    _accepts_or_input_error(decode_attestation_v0, data)
+    input_error_only(decode_attestation_v0, data)
     _load_then_analyze(data)
 
 
@@ -568,7 +537,7 @@ def attestations(draw: st.DrawFn) -> AttestationV0:
 @given(attestations())
 def test_decode_attestation_structured(att: AttestationV0) -> None:
     data = encode_attestation_v0(att)
-    decoded = _accepts_or_input_error(decode_attestation_v0, data)
+    decoded = input_error_only(decode_attestation_v0, data)
     if decoded is not None:
         assert decoded == att
     _load_then_analyze(data)
@@ -669,19 +638,19 @@ DCAP_NOW = 1_751_000_000  # inside the dcap-qvl collateral's validity window
 @functools.cache
 def _collateral() -> CollateralStore:
     _vector(DCAP_COLLATERAL)
-    return CollateralStore.open(VECTORS / DCAP_DIR)
+    return CollateralStore.open(vector_path(DCAP_DIR))
 
 
 @FUZZ_SMALL
 @given(mutated("quotes", max_ops=2, ops=("flip", "replace", "int"), hot=False))
 def test_verify_evidence_mutated_quotes(data: bytes) -> None:
     """dcap-qvl and the simulated verifier see mutated quotes: a verdict or InputError only."""
-    evidence = _accepts_or_input_error(load_evidence, data)
+    evidence = input_error_only(load_evidence, data)
     if evidence is None:
         return
     simulated = Policy(tee="simulated", platform_key=seeds().platform_pem)
     for policy in (Policy(), simulated):
-        verdict = _accepts_or_input_error(
+        verdict = input_error_only(
             verify_evidence, evidence, policy, collateral=_collateral(), now=DCAP_NOW
         )
         if verdict is not None:
@@ -716,7 +685,7 @@ python_values = st.recursive(
 @FUZZ
 @given(st.dictionaries(st.sampled_from(POLICY_FIELDS) | st.text(max_size=12), python_values))
 def test_policy_parse_model_arbitrary_dict(data: dict[Any, Any]) -> None:
-    policy = _accepts_or_input_error(parse_model, Policy, data, source="x")
+    policy = input_error_only(parse_model, Policy, data, source="x")
     if policy is not None:
         _check_policy(policy)
 

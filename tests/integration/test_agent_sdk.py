@@ -6,7 +6,6 @@ import hashlib
 import json
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import httpx
 import pytest
 from conftest import vector_path
 from cryptography import x509
+from procs import started
 
 from teemesh.attest.evidence import analyze, load_evidence
 from teemesh.attest.policy import Policy
@@ -47,50 +47,18 @@ class RunningAgent:
             )
 
 
-def _teemesh() -> str:
-    exe = Path(sys.executable).parent / "teemesh"
-    if not exe.exists():
-        pytest.fail(f"the teemesh command is not installed next to {sys.executable}")
-    return str(exe)
-
-
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory) -> Iterator[RunningAgent]:
     tmp = tmp_path_factory.mktemp("agent")
     (tmp / "app-compose.json").write_bytes(COMPOSE)
     sock = tmp / "dstack.sock"
-    log = (tmp / "agent.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            _teemesh(),
-            "agent",
-            "--socket",
-            str(sock),
-            "--tappd-socket",
-            str(tmp / "tappd.sock"),
-            "--state",
-            str(tmp / "state"),
-            "--app-compose",
-            str(tmp / "app-compose.json"),
-            "--app-keys",
-            str(vector_path("dstack/simulator/appkeys.json")),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    log.close()
-    deadline = time.monotonic() + 20
-    while not sock.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
-            pytest.fail(f"agent did not start: {(tmp / 'agent.log').read_text()}")
-        time.sleep(0.05)
-    try:
-        yield RunningAgent(sock, tmp / "state", proc)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    args = [
+        "agent", "--socket", str(sock), "--tappd-socket", str(tmp / "tappd.sock"),
+        "--state", str(tmp / "state"), "--app-compose", str(tmp / "app-compose.json"),
+        "--app-keys", str(vector_path("dstack/simulator/appkeys.json")),
+    ]  # fmt: skip
+    with started(args, tmp / "agent.log", sock.exists) as proc:
+        yield RunningAgent(sock, tmp / "state", proc.process)
     assert not sock.exists(), "the agent removes its socket on shutdown"
 
 

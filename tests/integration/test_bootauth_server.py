@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +15,8 @@ from typing import Any
 
 import httpx
 import pytest
+from etcdkit import stop_process
+from procs import free_port
 
 from teemesh.errors import PeerError
 from teemesh.platform.bootauth import AuthInfo, BootDecision, BootInfo, WebhookAuth
@@ -57,12 +58,6 @@ class Server:
         self.config.write_text(json.dumps(doc))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _start(config: Path, log: Path, port: int) -> subprocess.Popen[bytes]:
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
     with log.open("wb") as out:
@@ -74,20 +69,10 @@ def _start(config: Path, log: Path, port: int) -> subprocess.Popen[bytes]:
         )
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        os.kill(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("auth-simple")
-    config, log, port = tmp / "auth-config.json", tmp / "server.log", _free_port()
+    config, log, port = tmp / "auth-config.json", tmp / "server.log", free_port()
     config.write_text(json.dumps(CONFIG))
     process = _start(config, log, port)
     url = f"http://127.0.0.1:{port}"
@@ -100,10 +85,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
                 if httpx.get(url + "/", timeout=1).status_code == 200:
                     break
             except httpx.TransportError:
-                time.sleep(0.05)
+                pass
+            time.sleep(0.05)  # not listening yet, or not answering 200 yet
         yield Server(url, config, log, process)
     finally:
-        _stop(process)
+        stop_process(process)
 
 
 @pytest.fixture()
@@ -193,7 +179,7 @@ def test_non_2xx_is_no_decision(live: Server, webhook: Callable[..., WebhookAuth
 
 
 def test_server_down_is_no_decision(webhook: Callable[..., WebhookAuth]) -> None:
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(PeerError) as info:
         webhook(url, timeout=5).authorize(INFO, "kms")
     assert str(info.value).startswith(f"auth webhook {url}/bootAuth/kms failed: ConnectError")
@@ -212,11 +198,11 @@ def test_bad_config_at_start_exits_2_naming_file_and_field(tmp_path: Path) -> No
     config = tmp_path / "auth.json"
     config.write_text(json.dumps({**CONFIG, "osImages": ["0xzz"], "kms": {"allowAny": True}}))
     log = tmp_path / "out.log"
-    process = _start(config, log, _free_port())
+    process = _start(config, log, free_port())
     try:
         assert process.wait(timeout=30) == 2
     finally:
-        _stop(process)
+        stop_process(process)
     text = " ".join(log.read_text().split())
     assert f"error: {config}: 2 problem(s):" in text
     assert "osImages.0: not hex" in text and "kms.allowAny: Extra inputs" in text

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Iterator
-from typing import Any
+import time
+from collections.abc import Awaitable, Iterator
+from typing import Any, TypeVar
 
 import pytest
 from meshkit import DB_COMPOSE, WEB_COMPOSE, Mesh, group_yaml
@@ -30,7 +31,19 @@ from teemesh.identity.meshca import (
 from teemesh.net.async_https import AsyncAttestedHttps
 from teemesh.platform.agent_client import AgentClient
 
+T = TypeVar("T")
 pytestmark = pytest.mark.integration
+
+WAIT = 15.0  # the longest any one expected event or chunk may take
+LEASE_TTL = 3  # seconds: heartbeats every 0.5 s keep it alive through a 2.5 s stall
+
+
+async def within(step: Awaitable[T]) -> T:
+    """``step``, or a failure after WAIT seconds (a watch retries forever, it never gives up)."""
+    try:
+        return await asyncio.wait_for(step, WAIT)
+    except TimeoutError:
+        pytest.fail(f"nothing came within {WAIT} s")
 
 
 class World:
@@ -51,7 +64,7 @@ def world(tmp_path_factory) -> Iterator[World]:
     mesh.write_policy(
         group_yaml("web", WEB_COMPOSE, "services: [web, web-admin]")
         + group_yaml("db", DB_COMPOSE, "services: [db]"),
-        top="lease_ttl_seconds: 2\n",
+        top=f"lease_ttl_seconds: {LEASE_TTL}\n",
     )
     agent_cm, agent_sock = mesh.coordinator_agent()
     with agent_cm, mesh.start_coordinator(agent_sock, "coordinator"):
@@ -68,12 +81,12 @@ def test_a_peer_registers_and_every_watcher_sees_each_change_once(world: World) 
     async def main() -> None:
         web, db = world.client("web-0"), world.client("db-0")
         updates = db.watch("instances/web/")
-        first = await anext(updates)
+        first = await within(anext(updates))
         assert first.snapshot == {}
         reply = await web.register("web", "10.0.0.1", 8080, tags={"role": "primary"})
         await web.update("web", health="critical")
         await web.deregister("web")
-        changes = [await anext(updates) for _ in range(3)]
+        changes = [await within(anext(updates)) for _ in range(3)]
         await updates.aclose()
         assert [c.revision for c in changes] == sorted({c.revision for c in changes})
         assert changes[0].revision == reply["revision"]
@@ -99,7 +112,7 @@ def test_a_peer_registers_and_every_watcher_sees_each_change_once(world: World) 
         assert status == 200
         text = b""
         while text.count(b"event: change") < 2:
-            text += await anext(chunks)
+            text += await within(anext(chunks))
         await chunks.aclose()  # type: ignore[attr-defined]
         assert f"id: {changes[1].revision}\n".encode() in text
         assert f"id: {changes[0].revision}\n".encode() not in text
@@ -207,16 +220,15 @@ def test_a_silent_peer_drops_out_when_its_lease_expires(world: World) -> None:
     async def main() -> None:
         web = world.client("web-0")
         await web.register("web-admin", "10.0.0.1", 9000)
-        for _ in range(6):  # 3 s of heartbeats: longer than the TTL
+        for _ in range(2 * LEASE_TTL + 1):  # heartbeats for longer than the TTL
             await asyncio.sleep(0.5)
-            assert (await web.heartbeat())["lease_ttl"] >= 2
+            assert (await web.heartbeat())["lease_ttl"] == LEASE_TTL
         assert len((await web.read("instances/web-admin/"))["items"]) == 1
-        for _ in range(50):
+        deadline = time.monotonic() + LEASE_TTL + WAIT
+        while (await web.read("instances/web-admin/"))["items"]:
+            if time.monotonic() > deadline:
+                pytest.fail("the instance outlived its lease")
             await asyncio.sleep(0.2)
-            if not (await web.read("instances/web-admin/"))["items"]:
-                break
-        else:
-            pytest.fail("the instance outlived its lease")
         with pytest.raises(NotRegistered, match="register its services again"):
             await web.heartbeat()
 

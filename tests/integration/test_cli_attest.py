@@ -12,20 +12,19 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import dcap_qvl
 import pytest
+from conftest import vector_path
+from procs import teemesh_exe
 
 from teemesh.attest.dstack import KeyProvider
 from teemesh.attest.simulated import OsImage, PlatformKey, SimulatedCvm
 
 pytestmark = pytest.mark.integration
 
-VECTORS = Path(__file__).resolve().parents[2].parent / "shared" / "vectors"
-TEEMESH = Path(sys.executable).parent / "teemesh"
 SIM_ATTESTATION = "dstack/simulator/attestation.bin"
 SIM_QUOTE = "dstack/simulator/attestation.quote.bin"
 QUOTE_REPORT = "dstack/verifier/quote-report.json"
@@ -37,31 +36,12 @@ MIB = 1024 * 1024
 LIUM = "LIUM_MINER_HOTKEY"
 
 
-def vector(relative: str) -> Path:
-    path = VECTORS / relative
-    if not path.exists():
-        pytest.fail(
-            f"test vector {path} is missing: the shared/vectors folder must sit beside the repo",
-            pytrace=False,
-        )
-    return path
-
-
-@pytest.fixture(scope="session")
-def expected_json() -> dict[str, Any]:
-    return json.loads(vector("dstack/expected.json").read_text())
-
-
 def run(*args: str | Path, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
-    if not TEEMESH.is_file():
-        pytest.fail(
-            f"the teemesh console script is not installed at {TEEMESH}: "
-            "run `pip install -e .` in this virtualenv",
-            pytrace=False,
-        )
+    """The console script with stdin and a wide, colourless terminal (procs.run_teemesh has
+    neither stdin nor the environment, and writes a log instead of returning text)."""
     env = {**os.environ, "COLUMNS": "400", "NO_COLOR": "1", "TERM": "dumb"}
     proc = subprocess.run(
-        [str(TEEMESH), *map(str, args)],
+        [teemesh_exe(), *map(str, args)],
         input=stdin if stdin is not None else b"",
         capture_output=True,
         timeout=120,
@@ -99,7 +79,7 @@ def inspect_json(path: str | Path, *, code: int = 0, stdin: bytes | None = None)
 @functools.cache
 def inspect_vector(relative: str) -> dict[str, Any]:
     """``inspect --json`` of an unmodified vector (cached: each run starts a process)."""
-    return inspect_json(vector(relative))
+    return inspect_json(vector_path(relative))
 
 
 def verify_json(*args: str | Path, code: int) -> dict[str, Any]:
@@ -184,8 +164,8 @@ def assert_dstack_identity(doc: dict[str, Any], entry: dict[str, Any]) -> None:
     assert dstack["mr_aggregated_boottime"] == derived["mr_aggregated_boottime"]
 
 
-def test_inspect_attestation_bin(expected_json: dict[str, Any]) -> None:
-    entry = expected_json["simulator/attestation.bin"]
+def test_inspect_attestation_bin(expected: dict[str, Any]) -> None:
+    entry = expected["simulator/attestation.bin"]
     doc = inspect_vector(SIM_ATTESTATION)
     assert_shape(doc)
     assert doc["form"] == "attestation-v0"
@@ -198,8 +178,8 @@ def test_inspect_attestation_bin(expected_json: dict[str, Any]) -> None:
     assert doc["dstack"]["app_events"] == []
 
 
-def test_inspect_get_quote_json(expected_json: dict[str, Any]) -> None:
-    entry = expected_json["verifier/quote-report.json"]
+def test_inspect_get_quote_json(expected: dict[str, Any]) -> None:
+    entry = expected["verifier/quote-report.json"]
     doc = inspect_vector(QUOTE_REPORT)
     assert_shape(doc)
     assert doc["form"] == "get-quote-json"
@@ -209,15 +189,15 @@ def test_inspect_get_quote_json(expected_json: dict[str, Any]) -> None:
     assert doc["replay"] == want_replay
     assert_dstack_identity(doc, entry)
     # This older guest measures no os-image-hash: the value comes from the (unmeasured) vm_config.
-    vm_config = json.loads(json.loads(vector(QUOTE_REPORT).read_text())["vm_config"])
+    vm_config = json.loads(json.loads(vector_path(QUOTE_REPORT).read_text())["vm_config"])
     assert doc["dstack"]["os_image_hash"] == vm_config["os_image_hash"]
     assert doc["dstack"]["os_image_hash_measured"] is False
     lium = [e for e in entry["runtime_events"] if e["event"] == LIUM]
     assert doc["dstack"]["app_events"] == [{"event": LIUM, "payload": lium[0]["payload_hex"]}]
 
 
-def test_inspect_raw_quote(expected_json: dict[str, Any]) -> None:
-    entry = expected_json["simulator/attestation.bin"]
+def test_inspect_raw_quote(expected: dict[str, Any]) -> None:
+    entry = expected["simulator/attestation.bin"]
     doc = inspect_vector(SIM_QUOTE)
     assert_shape(doc)
     assert doc["form"] == "quote"
@@ -232,7 +212,7 @@ def test_inspect_raw_quote(expected_json: dict[str, Any]) -> None:
 
 def test_inspect_dcap_quote_matches_dcap_qvl() -> None:
     """No expected.json entry: dcap-qvl's own parser is the independent reference."""
-    data = vector(DCAP_QUOTE).read_bytes()
+    data = vector_path(DCAP_QUOTE).read_bytes()
     report = dcap_qvl.parse_quote(data).report
     doc = inspect_vector(DCAP_QUOTE)
     assert_shape(doc)
@@ -256,7 +236,7 @@ def test_inspect_dcap_quote_matches_dcap_qvl() -> None:
 
 
 def test_inspect_human_output() -> None:
-    proc = run("attest", "inspect", vector(QUOTE_REPORT))
+    proc = run("attest", "inspect", vector_path(QUOTE_REPORT))
     assert proc.returncode == 0, proc.stderr
     out = flat(proc.stdout)
     assert "quote (get-quote-json)" in out
@@ -268,7 +248,7 @@ def test_inspect_human_output() -> None:
 
 
 def quote_report_with(path: Path, edit: Any) -> Path:
-    doc = json.loads(vector(QUOTE_REPORT).read_text())
+    doc = json.loads(vector_path(QUOTE_REPORT).read_text())
     log = json.loads(doc["event_log"])
     for event in log:
         edit(event)
@@ -277,7 +257,7 @@ def quote_report_with(path: Path, edit: Any) -> Path:
     return path
 
 
-def test_inspect_replay_mismatch_exits_1(tmp_path: Path, expected_json: dict[str, Any]) -> None:
+def test_inspect_replay_mismatch_exits_1(tmp_path: Path, expected: dict[str, Any]) -> None:
     def edit(event: dict[str, Any]) -> None:
         if event["event"] == LIUM:
             event["event_payload"] = b"a different hotkey".hex()
@@ -285,7 +265,7 @@ def test_inspect_replay_mismatch_exits_1(tmp_path: Path, expected_json: dict[str
 
     doc = inspect_json(quote_report_with(tmp_path / "edited.json", edit), code=1)
     assert_shape(doc)
-    entry = expected_json["verifier/quote-report.json"]
+    entry = expected["verifier/quote-report.json"]
     assert doc["replay"]["matches_quote"] is False
     assert doc["replay"]["rtmr3"] != entry["quote"]["rtmr3"]
     assert doc["quote"]["rtmr3"] == entry["quote"]["rtmr3"]
@@ -359,7 +339,7 @@ def test_inspect_size_limit_is_exactly_one_mib(tmp_path: Path) -> None:
 
 
 def test_inspect_stdin_matches_file() -> None:
-    data = vector(SIM_ATTESTATION).read_bytes()
+    data = vector_path(SIM_ATTESTATION).read_bytes()
     from_stdin = inspect_json("-", stdin=data)
     assert from_stdin == inspect_vector(SIM_ATTESTATION)
     assert from_stdin["replay"]["matches_quote"] is True
@@ -368,7 +348,7 @@ def test_inspect_stdin_matches_file() -> None:
 def test_inspect_hex_file_with_trailing_newline(tmp_path: Path) -> None:
     binary = inspect_vector(SIM_ATTESTATION)
     path = tmp_path / "attestation.hex"
-    path.write_text(vector(SIM_ATTESTATION).read_bytes().hex() + "\n")
+    path.write_text(vector_path(SIM_ATTESTATION).read_bytes().hex() + "\n")
     doc = inspect_json(path)
     assert doc["form"] == "attestation-v0-hex"
     assert {k: doc[k] for k in ("quote", "replay", "dstack")} == {
@@ -378,7 +358,7 @@ def test_inspect_hex_file_with_trailing_newline(tmp_path: Path) -> None:
 
 def test_inspect_hex_quote_with_prefix_and_crlf(tmp_path: Path) -> None:
     path = tmp_path / "quote.hex"
-    path.write_bytes(b"0x" + vector(DCAP_QUOTE).read_bytes().hex().upper().encode() + b"\r\n")
+    path.write_bytes(b"0x" + vector_path(DCAP_QUOTE).read_bytes().hex().upper().encode() + b"\r\n")
     doc = inspect_json(path)
     assert doc["form"] == "quote-hex"
     assert doc["quote"] == inspect_vector(DCAP_QUOTE)["quote"]
@@ -386,7 +366,7 @@ def test_inspect_hex_quote_with_prefix_and_crlf(tmp_path: Path) -> None:
 
 def test_inspect_attestation_wrapped_in_json(tmp_path: Path) -> None:
     path = tmp_path / "wrapped.json"
-    path.write_text(json.dumps({"attestation": vector(SIM_ATTESTATION).read_bytes().hex()}))
+    path.write_text(json.dumps({"attestation": vector_path(SIM_ATTESTATION).read_bytes().hex()}))
     doc = inspect_json(path)
     assert doc["form"] == "attestation-v0-json"
     assert doc["dstack"] == inspect_vector(SIM_ATTESTATION)["dstack"]
@@ -396,8 +376,8 @@ def test_inspect_attestation_wrapped_in_json(tmp_path: Path) -> None:
 
 
 def test_verify_dcap_quote_accepted() -> None:
-    args = ("--collateral", vector(DCAP_DIR), "--now", DCAP_NOW)
-    doc = verify_json(vector(DCAP_QUOTE), *args, code=0)
+    args = ("--collateral", vector_path(DCAP_DIR), "--now", DCAP_NOW)
+    doc = verify_json(vector_path(DCAP_QUOTE), *args, code=0)
     assert doc == {
         "ok": True,
         "tee": "tdx",
@@ -408,25 +388,27 @@ def test_verify_dcap_quote_accepted() -> None:
 
 
 def test_verify_dcap_collateral_as_single_file() -> None:
-    collateral = vector(f"{DCAP_DIR}/tdx_quote_collateral.json")
-    doc = verify_json(vector(DCAP_QUOTE), "--collateral", collateral, "--now", DCAP_NOW, code=0)
+    collateral = vector_path(f"{DCAP_DIR}/tdx_quote_collateral.json")
+    doc = verify_json(
+        vector_path(DCAP_QUOTE), "--collateral", collateral, "--now", DCAP_NOW, code=0
+    )
     assert doc["ok"] is True
 
 
 def test_verify_tampered_quote_rejected(tmp_path: Path) -> None:
-    data = bytearray(vector(DCAP_QUOTE).read_bytes())
+    data = bytearray(vector_path(DCAP_QUOTE).read_bytes())
     data[600] ^= 0x01  # inside the TD report: the QE's signature no longer covers it
     path = tmp_path / "tampered.bin"
     path.write_bytes(bytes(data))
-    doc = verify_json(path, "--collateral", vector(DCAP_DIR), "--now", DCAP_NOW, code=1)
+    doc = verify_json(path, "--collateral", vector_path(DCAP_DIR), "--now", DCAP_NOW, code=1)
     assert doc["ok"] is False
     assert [r["code"] for r in doc["reasons"]] == ["QUOTE_INVALID"]
     assert "DCAP verification failed" in doc["reasons"][0]["message"]
 
 
 def test_verify_expired_collateral_rejected() -> None:
-    args = ("--collateral", vector(DCAP_DIR), "--now", "1800000000")
-    doc = verify_json(vector(DCAP_QUOTE), *args, code=1)
+    args = ("--collateral", vector_path(DCAP_DIR), "--now", "1800000000")
+    doc = verify_json(vector_path(DCAP_QUOTE), *args, code=1)
     assert doc["ok"] is False
     assert doc["tcb_status"] is None
     assert [r["code"] for r in doc["reasons"]] == ["QUOTE_INVALID"]
@@ -434,21 +416,21 @@ def test_verify_expired_collateral_rejected() -> None:
 
 
 def test_verify_tdx_quote_without_collateral_exits_2() -> None:
-    proc = run("attest", "verify", vector(DCAP_QUOTE), "--now", DCAP_NOW, "--json")
+    proc = run("attest", "verify", vector_path(DCAP_QUOTE), "--now", DCAP_NOW, "--json")
     assert_clean_error(proc, "collateral", "needs collateral")
 
 
 def test_verify_collateral_for_another_platform_exits_2() -> None:
     """quote-report.json's quote comes from FMSPC 90c06f000000; only b0c06f000000 is on file."""
-    args = ("--collateral", vector(DCAP_DIR), "--now", DCAP_NOW, "--json")
-    proc = run("attest", "verify", vector(QUOTE_REPORT), *args)
+    args = ("--collateral", vector_path(DCAP_DIR), "--now", DCAP_NOW, "--json")
+    proc = run("attest", "verify", vector_path(QUOTE_REPORT), *args)
     assert_clean_error(proc, "no collateral for the quote's platform FMSPC 90c06f000000")
 
 
 def test_verify_unreadable_evidence_exits_2(tmp_path: Path) -> None:
     path = tmp_path / "garbage.bin"
     path.write_bytes(b"\x99 not evidence")
-    proc = run("attest", "verify", path, "--collateral", vector(DCAP_DIR), "--json")
+    proc = run("attest", "verify", path, "--collateral", vector_path(DCAP_DIR), "--json")
     assert_clean_error(proc, "unrecognised evidence")
 
 
@@ -558,14 +540,14 @@ def test_policy_platform_key_path_with_nul_byte_exits_2(simulated: dict[str, Any
 
 def test_deeply_nested_policy_yaml_exits_2(tmp_path: Path) -> None:
     policy = write_policy(tmp_path, "deep.yaml", "[" * 5000)
-    proc = run("attest", "verify", vector(DCAP_QUOTE), "--policy", policy, "--json")
+    proc = run("attest", "verify", vector_path(DCAP_QUOTE), "--policy", policy, "--json")
     assert_clean_error(proc, str(policy), "nested too deeply")
 
 
 def test_collateral_file_not_utf8_exits_2(tmp_path: Path) -> None:
     (tmp_path / "collateral.json").write_bytes(b"\xff\xfe not utf-8")
     args = ("--collateral", tmp_path, "--now", DCAP_NOW)
-    proc = run("attest", "verify", vector(DCAP_QUOTE), *args)
+    proc = run("attest", "verify", vector_path(DCAP_QUOTE), *args)
     assert_clean_error(proc, str(tmp_path / "collateral.json"), "cannot read collateral")
 
 
@@ -622,7 +604,12 @@ def test_human_verify_keeps_brackets(tmp_path: Path) -> None:
 def test_verify_now_out_of_range_exits_2(now: str) -> None:
     """Was: dcap_qvl.verify's OverflowError escaped (traceback, exit 1)."""
     proc = run(
-        "attest", "verify", vector(DCAP_QUOTE), "--collateral", vector(DCAP_DIR), f"--now={now}"
+        "attest",
+        "verify",
+        vector_path(DCAP_QUOTE),
+        "--collateral",
+        vector_path(DCAP_DIR),
+        f"--now={now}",
     )
     # Either teemesh's own error or click's usage error (e.g. an IntRange) would do.
     assert proc.returncode == 2, proc.stderr
@@ -634,16 +621,18 @@ def test_deeply_nested_collateral_json_exits_2(tmp_path: Path) -> None:
     """Was: RecursionError from json.loads in _read_collateral (traceback, exit 1)."""
     (tmp_path / "collateral.json").write_text("[" * 100_000)
     args = ("--collateral", tmp_path, "--now", DCAP_NOW)
-    proc = run("attest", "verify", vector(DCAP_QUOTE), *args)
+    proc = run("attest", "verify", vector_path(DCAP_QUOTE), *args)
     assert_clean_error(proc, str(tmp_path / "collateral.json"), "nested too deeply")
 
 
 def test_dangling_symlink_in_collateral_folder(tmp_path: Path) -> None:
     """Was: FileNotFoundError from file.stat() in _read_collateral (traceback, exit 1)."""
     (tmp_path / "a.json").symlink_to(tmp_path / "gone.json")
-    (tmp_path / "b.json").write_bytes(vector(f"{DCAP_DIR}/tdx_quote_collateral.json").read_bytes())
+    (tmp_path / "b.json").write_bytes(
+        vector_path(f"{DCAP_DIR}/tdx_quote_collateral.json").read_bytes()
+    )
     args = ("--collateral", tmp_path, "--now", DCAP_NOW, "--json")
-    proc = run("attest", "verify", vector(DCAP_QUOTE), *args)
+    proc = run("attest", "verify", vector_path(DCAP_QUOTE), *args)
     # Skipping the broken entry (exit 0) or refusing it by name (exit 2) would both be fine.
     assert "Traceback" not in proc.stderr
     assert proc.returncode in (0, 2), proc.stderr

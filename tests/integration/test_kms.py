@@ -7,6 +7,7 @@ agent of another simulated CVM, which checks the KMS's attestation first.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import stat
@@ -17,7 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 from cryptography import x509
-from procs import free_port, port_open, run_teemesh, started
+from etcdkit import free_ports
+from procs import Proc, free_port, port_open, run_teemesh, started
 
 from teemesh.attest.dstack import compose_hash
 from teemesh.attest.evidence import analyze, load_evidence
@@ -105,7 +107,7 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
     policy = tmp / "policy.yaml"
     policy.write_text("tee: simulated\nplatform_key: platform.pub\n")
     kms_agent = tmp / "kms-agent.sock"
-    auth_port, kms_port = free_port(), free_port()
+    auth_port, kms_port = free_ports(2)  # distinct: two free_port() calls may both get one
     with started(
         _agent_args(tmp, "kms-agent", KMS_COMPOSE, key_path),
         tmp / "kms-agent.log",
@@ -160,6 +162,34 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
             with started(args, tmp / "kms-a.log", _kms_ready(kms_url)) as kms:
                 base.kms_logs.append(kms.log)
                 yield base
+            _assert_logs_keep_secrets(base)  # every KMS's whole log, its shutdown included
+
+
+def _assert_logs_keep_secrets(cluster: Cluster, *secrets: str) -> None:
+    """No KMS log of the module shows a private key, a root key or any of ``secrets``."""
+    roots = json.loads((cluster.kms_state / "root-keys.json").read_text())
+    pem_lines = [
+        line
+        for name in ("ca_key", "temp_ca_key")
+        for line in roots[name].splitlines()
+        if line and not line.startswith("-----")
+    ]
+    assert cluster.kms_logs, "no KMS log to check"
+    for log in cluster.kms_logs:
+        text = log.read_text()
+        for secret in ("PRIVATE KEY", roots["k256_key"], *pem_lines, *secrets):
+            assert secret not in text, f"{log.name} shows a secret ({secret[:12]}...)"
+
+
+@contextlib.contextmanager
+def _kms(cluster: Cluster, args: list[str], name: str, url: str) -> Iterator[Proc]:
+    """A further KMS process; its log joins the ones checked for secrets (here, once it has
+    stopped, and again at the end of the module)."""
+    log = cluster.tmp / f"{name}.log"
+    with started(args, log, _kms_ready(url)) as kms:
+        cluster.kms_logs.append(log)
+        yield kms
+    _assert_logs_keep_secrets(cluster)
 
 
 def _meta(cluster: Cluster, url: str | None = None) -> dict:
@@ -189,7 +219,7 @@ def test_root_keys_are_owner_only_and_survive_a_restart(cluster: Cluster) -> Non
     args = cluster.kms_args(
         other_url, cluster.kms_state, cluster.kms_agent, "--auth-webhook", cluster.auth_url
     )
-    with started(args, cluster.tmp / "kms-restart.log", _kms_ready(other_url)) as kms:
+    with _kms(cluster, args, "kms-restart", other_url) as kms:
         after = _meta(cluster, other_url)
         assert "loaded" in kms.output()
     assert root.read_bytes() == saved
@@ -295,9 +325,7 @@ def test_app_agent_gets_keys_and_decrypts_its_env(cluster: Cluster) -> None:
     )
     root = keys.recover_signer(kms_sig, keys.kms_digest(b"dstack-kms-issued", app_id, app_pub))
     assert root == bytes.fromhex(meta["k256_pubkey"])
-    for log in cluster.kms_logs:
-        text = log.read_text()
-        assert "PRIVATE KEY" not in text and reply["key"] not in text
+    _assert_logs_keep_secrets(cluster, reply["key"])
 
 
 def test_a_boot_that_auth_simple_denies_names_the_reason(cluster: Cluster) -> None:
@@ -320,7 +348,7 @@ def test_onboarding_a_second_replica(cluster: Cluster) -> None:
             url_b, cluster.tmp / "kms-b", agent_b,
             "--auth-config", str(cluster.auth_config), "--onboard", cluster.kms_url,
         )  # fmt: skip
-        with started(args, cluster.tmp / "kms-b.log", _kms_ready(url_b)) as kms_b:
+        with _kms(cluster, args, "kms-b", url_b) as kms_b:
             assert "onboarded from" in kms_b.output()
             a, b = KmsClient(cluster.kms_url, cluster.trust), KmsClient(url_b, cluster.trust)
             assert a.call("GetMeta")["k256_pubkey"] == b.call("GetMeta")["k256_pubkey"]
@@ -340,6 +368,7 @@ def test_onboarding_a_second_replica(cluster: Cluster) -> None:
                 ):
                     derived.append(agent.call("GetKey", {"path": "db"}))
             assert derived[0] == derived[1]
+    _assert_logs_keep_secrets(cluster, derived[0]["key"])
 
 
 def test_onboarding_is_refused_unless_mr_aggregated_is_listed(cluster: Cluster) -> None:
@@ -357,6 +386,7 @@ def test_onboarding_is_refused_unless_mr_aggregated_is_listed(cluster: Cluster) 
             "--auth-dev", "any", "--onboard", cluster.kms_url,
         )  # fmt: skip
         result = run_teemesh(args, cluster.tmp / "kms-c.log")
+        cluster.kms_logs.append(cluster.tmp / "kms-c.log")
     assert result.returncode != 0
     assert f"onboarding from {cluster.kms_url} refused" in result.stderr
     assert "aggregated MR not allowed" in result.stderr, result.stderr
@@ -364,10 +394,10 @@ def test_onboarding_is_refused_unless_mr_aggregated_is_listed(cluster: Cluster) 
 
 
 def test_an_unreachable_webhook_fails_closed(cluster: Cluster) -> None:
-    url = f"https://127.0.0.1:{free_port()}"
-    dead = f"http://127.0.0.1:{free_port()}"
+    port, dead_port = free_ports(2)
+    url, dead = f"https://127.0.0.1:{port}", f"http://127.0.0.1:{dead_port}"
     args = cluster.kms_args(url, cluster.kms_state, cluster.kms_agent, "--auth-webhook", dead)
-    with started(args, cluster.tmp / "kms-dead-webhook.log", _kms_ready(url)):
+    with _kms(cluster, args, "kms-dead-webhook", url):
         agent_args = _app_agent(cluster, "app-dead-webhook", APP_COMPOSE)
         agent_args[agent_args.index(cluster.kms_url)] = url
         result = run_teemesh(agent_args, cluster.tmp / "app-dead-webhook.log")

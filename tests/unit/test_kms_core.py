@@ -15,6 +15,7 @@ from teemesh.attest.policy import Policy
 from teemesh.attest.simulated import OsImage, PlatformKey, SimulatedCvm
 from teemesh.errors import InputError, Refused
 from teemesh.identity.certs import load_key_pem
+from teemesh.identity.ratls import spki_der
 from teemesh.platform import keys
 from teemesh.platform.appkeys import keys_from_kms
 from teemesh.platform.bootauth import BootDecision, BootInfo, ConfigAuth, DevAuth
@@ -113,7 +114,8 @@ def test_app_keys_follow_dstack_derivations(platform: PlatformKey, root: RootKey
     assert reply["gateway_app_id"] == reply["tproxy_app_id"] == "gw"
     assert reply["os_image_hash"] == OsImage("os").os_image_hash.hex()
     agent_keys = keys_from_kms(reply, root.ca_cert)
-    assert agent_keys.provider == KeyProvider("kms", agent_keys.provider.id)
+    # the measured key provider is the KMS root CA itself (its SubjectPublicKeyInfo, in hex)
+    assert agent_keys.provider == KeyProvider("kms", spki_der(root.ca_cert.public_key()).hex())
     agent_keys.ca_cert.verify_directly_issued_by(root.ca_cert)
     env = service.get_app_env_encrypt_pub_key({"app_id": cvm.app_id.hex()})
     assert env["public_key"] == keys.x25519_public_key(expected.env_crypt_key).hex()
@@ -201,7 +203,9 @@ def test_the_kms_must_itself_be_authorized(
     assert boot_mr is not None and boot_mr != mr_aggregated(report, report.rtmr3)
     rules["kms"] = {"mrAggregated": [boot_mr.hex()]}
     config.write_text(json.dumps(rules))
-    assert service.get_app_key(_client_cert(service, app))["k256_key"]
+    assert app.instance_id is not None
+    want = keys.derive_app_keys(root.ca_key, root.k256_key, app.app_id, app.instance_id)
+    assert service.get_app_key(_client_cert(service, app))["k256_key"] == want.k256_key.hex()
     handed = root_keys_from_kms_key_reply(service.get_kms_key(_client_cert(service, kms_cvm)))
     assert handed.to_json() == root.to_json()
 

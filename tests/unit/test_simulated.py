@@ -128,7 +128,7 @@ def test_report_data_over_64_bytes_refused(platform) -> None:
 def test_platform_key_pem_round_trip_and_errors(platform) -> None:
     again = PlatformKey.from_pem(platform.private_pem())
     assert again.public_pem() == platform.public_pem()
-    assert load_platform_public_key(platform.public_pem()) is not None
+    assert load_platform_public_key(platform.public_pem()) == platform.public_key
     with pytest.raises(InputError, match="not a PEM private key"):
         PlatformKey.from_pem(b"junk")
     with pytest.raises(InputError, match="not a PEM public key"):

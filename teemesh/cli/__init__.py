@@ -10,6 +10,7 @@ from teemesh.cli.agent import agent
 from teemesh.cli.attest import attest
 from teemesh.cli.coordinator import coordinator
 from teemesh.cli.kms import kms
+from teemesh.cli.sidecar import sidecar
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -23,6 +24,7 @@ cli.add_command(agent)
 cli.add_command(kms)
 cli.add_command(coordinator)
 cli.add_command(admin)
+cli.add_command(sidecar)
 
 
 def main() -> None:

@@ -35,6 +35,16 @@ def table(title: str, rows: Iterable[tuple[str, Any]]) -> Table:
     return out
 
 
+def grid(title: str, columns: Iterable[str], rows: Iterable[Iterable[Any]]) -> Table:
+    """A table with a header row, one line per item."""
+    out = Table(title=title, title_justify="left")
+    for column in columns:
+        out.add_column(column, overflow="fold")
+    for row in rows:
+        out.add_row(*("-" if cell is None else str(cell) for cell in row))
+    return out
+
+
 def fail(error: MeshError | str, code: int = EXIT_BAD_INPUT) -> NoReturn:
     stderr.print(Text("error: ", style="bold red") + Text(str(error)))
     sys.exit(code)

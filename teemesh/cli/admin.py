@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.table import Table
 
-from teemesh.cli._output import fail, print_json, stdout, table
+from teemesh.cli._output import fail, grid, print_json, stdout, table
 from teemesh.errors import InputError, MeshError
 from teemesh.identity.certs import load_cert_pem
 from teemesh.identity.meshca import COORDINATOR_USAGE
@@ -75,15 +74,13 @@ def admissions(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         print_json(doc)
         return
-    out = Table(title="admissions", title_justify="left")
-    for column in ("peer", "instance", "app id", "certificates", "expires", "revoked"):
-        out.add_column(column, overflow="fold")
-    for a in doc["admissions"]:
-        out.add_row(
-            f"{a['group']}/{a['peer_id']}", a["instance_id"][:16], a["app_id"][:16],
-            str(len(a["certs"])), str(a["not_after"]), a["revoked"] or "-",
-        )  # fmt: skip
-    stdout.print(out)
+    rows = [
+        (f"{a['group']}/{a['peer_id']}", a["instance_id"][:16], a["app_id"][:16],
+         len(a["certs"]), a["not_after"], a["revoked"] or "-")
+        for a in doc["admissions"]
+    ]  # fmt: skip
+    columns = ("peer", "instance", "app id", "certificates", "expires", "revoked")
+    stdout.print(grid("admissions", columns, rows))
 
 
 @admin.command()

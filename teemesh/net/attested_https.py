@@ -11,20 +11,17 @@ import datetime as dt
 import http.client
 import json
 import ssl
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from teemesh.encoding import load_json
 from teemesh.errors import InputError, MeshError, PeerError
-from teemesh.identity.certs import cert_pem, key_pem
 from teemesh.identity.ratls import OID_CERT_USAGE, extension_bytes
+from teemesh.net.tls import KeyPair, tls_context
 
 MAX_REPLY = 1024 * 1024
 ServerCheck = Callable[[x509.Certificate], None]
@@ -38,7 +35,7 @@ class AttestedHttpsClient:
         server_check: ServerCheck,
         *,
         usage: bytes | None = None,
-        client_cert: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None,
+        client_cert: KeyPair | None = None,
         timeout: float = 10.0,
     ) -> None:
         self.url, self.host, self.port = https_target(url)
@@ -109,24 +106,9 @@ def check_server(
     return cert
 
 
-def client_context(
-    client_cert: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None,
-) -> ssl.SSLContext:
+def client_context(client_cert: KeyPair | None) -> ssl.SSLContext:
     """A client TLS context whose server check is ours (``check_server``), not the web PKI's."""
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE  # replaced by check_server after the handshake
-    if client_cert is None:
-        return context
-    # ssl only loads key pairs from files: use a private temporary folder, removed at once
-    cert, key = client_cert
-    with tempfile.TemporaryDirectory(prefix="teemesh-tls-") as folder:
-        cert_path, key_path = Path(folder) / "cert.pem", Path(folder) / "key.pem"
-        cert_path.write_text(cert_pem(cert))
-        key_path.touch(mode=0o600)
-        key_path.write_text(key_pem(key))
-        context.load_cert_chain(cert_path, key_path)
-    return context
+    return tls_context(server=False, identity=client_cert)
 
 
 def issued_by(ca: x509.Certificate) -> ServerCheck:

@@ -1,0 +1,284 @@
+"""``teemesh sidecar``: the per-CVM data plane, and the commands a workload uses to talk to it."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import click
+
+from teemesh.cli._options import agent_option, collateral_option
+from teemesh.cli._output import fail, grid, print_json, stderr, stdout, table
+from teemesh.errors import MeshError
+
+DEFAULT_API = "127.0.0.1:7001"
+DEFAULT_STATE = Path(".teemesh/sidecar")
+PATRONI_ROLES = {"master": "master", "primary": "master", "promoted": "master",
+                 "replica": "replica", "standby_leader": "replica", "sync_standby": "replica",
+                 "demoted": "replica"}  # fmt: skip
+"""Patroni's role names (3.x and 4.x) as the two roles routes select."""
+
+api_option = click.option(
+    "--api", default=DEFAULT_API, show_default=True, help="The sidecar's local API, HOST:PORT."
+)
+
+
+@click.group()
+def sidecar() -> None:
+    """The per-CVM sidecar: route names, attested mTLS tunnels, health and roles."""
+
+
+@sidecar.command("run")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="Sidecar configuration (identity, coordinators, backends, routes).",
+)
+@click.option(
+    "--state",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_STATE,
+    show_default=True,
+    help="Folder for the hosts file of route names.",
+)
+@click.option(
+    "--hosts-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write '<vip> <route>' lines (default: STATE/hosts); /etc/hosts works too.",
+)
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info")
+@agent_option
+@collateral_option
+def run(
+    config_path: Path,
+    state: Path,
+    hosts_file: Path | None,
+    log_level: str,
+    agent_endpoint: str | None,
+    collateral: Path | None,
+) -> None:
+    """Admit this CVM, then serve its routes and backends until SIGTERM (then drain)."""
+    import asyncio  # noqa: PLC0415
+    import logging  # noqa: PLC0415
+
+    import uvloop  # noqa: PLC0415
+
+    from teemesh.attest.dcap import CollateralStore  # noqa: PLC0415
+    from teemesh.identity.ratls import PinnedPeer  # noqa: PLC0415
+    from teemesh.logs import setup_json_logging  # noqa: PLC0415
+    from teemesh.platform.agent_client import AgentClient  # noqa: PLC0415
+    from teemesh.sidecar.config import load_sidecar_config  # noqa: PLC0415
+    from teemesh.sidecar.service import Sidecar  # noqa: PLC0415
+
+    try:
+        config = load_sidecar_config(config_path)
+        store = CollateralStore.open(collateral) if collateral else None
+        state.mkdir(parents=True, exist_ok=True)
+    except MeshError as exc:
+        fail(exc)
+    except OSError as exc:
+        fail(f"cannot start the sidecar: {exc}")
+    setup_json_logging(getattr(logging, log_level.upper()))
+    agent = AgentClient(agent_endpoint)
+    check = PinnedPeer(config.coordinator_policy, collateral=store)
+    sidecar_ = Sidecar(config, agent, check, hosts_file=hosts_file or state / "hosts")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        starting = loop.create_task(sidecar_.start())
+        stopping = loop.create_task(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            starting.result()  # a failed start ends the process with its error
+            await stopping
+        else:
+            starting.cancel()
+        await sidecar_.stop()
+
+    try:
+        uvloop.run(main())
+    except OSError as exc:
+        fail(f"sidecar: {exc}")
+    finally:
+        agent.close()
+
+
+def _call(api: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    host, _, port = api.rpartition(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        payload = json.dumps(body) if body is not None else None
+        conn.request(method, path, payload, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        data = response.read()
+    except (OSError, http.client.HTTPException) as exc:
+        fail(f"cannot reach the sidecar's API at {api}: {exc}")
+    finally:
+        conn.close()
+    try:
+        return response.status, json.loads(data)
+    except ValueError:
+        return response.status, data.decode(errors="replace")
+
+
+def _set_backend(api: str, service: str, body: dict[str, Any], as_json: bool) -> None:
+    status, doc = _call(api, "POST", f"/v1/backends/{service}", body)
+    if status != 200:
+        fail(
+            f"sidecar refused: HTTP {status}: {doc.get('error') if isinstance(doc, dict) else doc}"
+        )
+    if as_json:
+        print_json(doc)
+    else:
+        rows = [("tags", _tags(doc["tags"])), ("health", doc["health"])]
+        stdout.print(table(f"backend {service}", rows))
+
+
+@sidecar.command("tag")
+@click.option("--service", required=True, help="A workload-owned backend of this CVM.")
+@click.option("--role", help="Set the role tag (routes with a role select on it).")
+@click.option("--no-role", is_flag=True, help="Remove the role tag.")
+@click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="Set a tag (repeatable).")
+@click.option("--health", type=click.Choice(["passing", "warning", "critical"]))
+@click.option("--json", "as_json", is_flag=True, help="Print the backend's state as JSON.")
+@api_option
+def tag(
+    service: str,
+    role: str | None,
+    no_role: bool,
+    tags: tuple[str, ...],
+    health: str | None,
+    as_json: bool,
+    api: str,
+) -> None:
+    """Set a backend's role, tags or health in the catalog, through the local sidecar."""
+    body: dict[str, Any] = {}
+    if role is not None or no_role:
+        body["role"] = None if no_role else role
+    pairs = [t.partition("=") for t in tags]
+    if any(not sep or not key for key, sep, _ in pairs):
+        fail("--tag expects KEY=VALUE")
+    if pairs:
+        body["tags"] = {key: value for key, _, value in pairs}
+    if health:
+        body["health"] = health
+    if not body:
+        fail("nothing to set: give --role, --no-role, --tag or --health")
+    _set_backend(api, service, body, as_json)
+
+
+@sidecar.command("patroni-callback")
+@click.option("--service", required=True, help="The backend Patroni serves (e.g. postgres).")
+@api_option
+@click.argument("action")
+@click.argument("role")
+@click.argument("scope", required=False)
+def patroni_callback(service: str, api: str, action: str, role: str, scope: str | None) -> None:
+    """Patroni's callback (on_start, on_role_change, ...): publish its ROLE as the role tag.
+
+    In patroni.yml: ``callbacks: {on_role_change: "teemesh sidecar patroni-callback --service
+    postgres"}``; Patroni appends ACTION ROLE SCOPE.
+    """
+    if action == "on_stop":
+        _set_backend(api, service, {"role": None}, as_json=False)
+        return
+    mapped = PATRONI_ROLES.get(role)
+    if mapped is None:
+        stderr.print(f"patroni-callback: role {role!r} selects no route; the role tag is removed")
+    _set_backend(api, service, {"role": mapped}, as_json=False)
+
+
+@sidecar.command("status")
+@click.option("--json", "as_json", is_flag=True)
+@api_option
+def status(as_json: bool, api: str) -> None:
+    """What the local sidecar is doing: admission, routes and their instances, backends."""
+    code, doc = _call(api, "GET", "/v1/status")
+    if code != 200 or not isinstance(doc, dict):
+        fail(f"sidecar: HTTP {code}: {doc}")
+    if as_json:
+        print_json(doc)
+        return
+    admission = doc["admission"]
+    stdout.print(table(f"sidecar {doc['peer']}", [
+        ("ready", "yes" if doc["ready"] else "no"),
+        ("admission", admission["state"]),
+        ("SVID", admission["spiffe_id"] or "-"),
+        ("expires at", str(admission["expires_at"] or "-")),
+        ("ingress", doc["ingress"]),
+        ("open tunnels", f"{doc['tunnels']['egress']} out, {doc['tunnels']['ingress']} in"),
+    ]))  # fmt: skip
+    routes = [
+        (r["name"], r["listen"], r["backend"], r["role"], ", ".join(r["instances"]) or "none")
+        for r in doc["routes"]
+    ]
+    stdout.print(grid("routes", ("route", "listen", "backend", "role", "instances"), routes))
+    backends = [
+        (b["name"], b["port"], b["owner"], b["health"], _tags(b["tags"])) for b in doc["backends"]
+    ]
+    stdout.print(grid("backends", ("backend", "port", "owner", "health", "tags"), backends))
+
+
+def _tags(tags: dict[str, str]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in tags.items()) or "-"
+
+
+@sidecar.command("exec", context_settings={"ignore_unknown_options": True})
+@click.option(
+    "--hosts-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=DEFAULT_STATE / "hosts",
+    show_default=True,
+    help="The sidecar's hosts file of route names.",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["auto", "namespace", "append"]),
+    default="auto",
+    show_default=True,
+    help="namespace: a private /etc/hosts in a mount namespace (needs root); append: add the "
+    "names to this container's own /etc/hosts; auto: namespace when root, else append.",
+)
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec_(hosts_file: Path, mode: str, command: tuple[str, ...]) -> None:
+    """Run COMMAND with the route names resolving (``teemesh sidecar exec -- psql -h db``)."""
+    from teemesh.sidecar.service import HOSTS_BEGIN, write_hosts  # noqa: PLC0415
+
+    routes = hosts_file.read_text()
+    if HOSTS_BEGIN in routes:
+        routes = routes.partition(HOSTS_BEGIN)[2].partition("# teemesh routes: end")[0]
+    if shutil.which(command[0]) is None:
+        fail(f"command not found: {command[0]}")
+    if mode == "auto":
+        mode = "namespace" if os.geteuid() == 0 and shutil.which("unshare") else "append"
+    if mode == "append":
+        try:
+            write_hosts(Path("/etc/hosts"), routes)
+        except OSError as exc:
+            fail(f"cannot add route names to /etc/hosts ({exc}); run as root for --mode namespace")
+        os.execvp(command[0], list(command))  # noqa: S606 (the user's own command)
+    folder = Path(tempfile.mkdtemp(prefix="teemesh-exec-"))
+    private = folder / "hosts"
+    private.write_text(Path("/etc/hosts").read_text() if Path("/etc/hosts").exists() else "")
+    write_hosts(private, routes)
+    # the bind mount holds the file: its folder can go before the command runs
+    script = 'mount --bind "$0" /etc/hosts && rm -rf "${0%/hosts}" && exec "$@"'
+    argv = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script,
+            str(private), *command]  # fmt: skip
+    try:
+        os.execvp(argv[0], argv)  # noqa: S606
+    except OSError as exc:
+        print(f"teemesh sidecar exec: cannot run unshare: {exc}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,240 @@
+"""The sidecar process: admission, catalog watches, listeners, registration, local API, drain.
+
+Start order matters for safety: nothing listens for mesh traffic before the CVM is admitted and
+the revocation list is loaded, so the first tunnel is already checked against it. Shutdown runs
+the other way: leave the catalog, stop accepting, let open tunnels finish, then close them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from teemesh.coordinator.catalog_client import CatalogClient
+from teemesh.coordinator.client import Svid
+from teemesh.coordinator.records import Health
+from teemesh.encoding import DNS_LABEL
+from teemesh.errors import InputError, MeshError, Refused
+from teemesh.identity.ratls import PinnedPeer
+from teemesh.logs import log_event
+from teemesh.platform.agent_client import AgentClient
+from teemesh.sidecar import api
+from teemesh.sidecar.admission import Admission
+from teemesh.sidecar.config import SidecarConfig, hosts_lines
+from teemesh.sidecar.egress import EgressListener
+from teemesh.sidecar.ingress import IngressListener
+from teemesh.sidecar.metrics import Metrics
+from teemesh.sidecar.plane import Plane
+from teemesh.sidecar.registration import Registrar
+
+log = logging.getLogger("teemesh.sidecar")
+WATCH_RETRY = 1.0
+HEALTH_VALUES: tuple[Health, ...] = ("passing", "warning", "critical")
+
+
+class Sidecar:
+    def __init__(
+        self,
+        config: SidecarConfig,
+        agent: AgentClient,
+        coordinator_check: PinnedPeer,
+        *,
+        hosts_file: Path | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.plane = Plane(config, self.metrics)
+        self.hosts_file = hosts_file
+        self.coordinator_check = coordinator_check
+        self.admission = Admission(
+            config.coordinators, coordinator_check, agent, cluster=config.cluster,
+            group=config.group, peer_id=config.peer_id, metrics=self.metrics,
+            on_svid=self._use_svid,
+        )  # fmt: skip
+        self.catalog: CatalogClient | None = None
+        self.registrar: Registrar | None = None
+        self.registrar_task: asyncio.Task[None] | None = None
+        self.servers: list[asyncio.Server] = []
+        self.tasks: list[asyncio.Task[None]] = []
+        self.ready = asyncio.Event()
+        self._instances_loaded = asyncio.Event()
+        self._revocations_loaded = asyncio.Event()
+
+    def _use_svid(self, svid: Svid) -> None:
+        identity = (svid.certificate, svid.key)
+        self.plane.use_identity(identity, svid.ca_certificate)
+        if self.catalog is not None:
+            self.catalog.use_svid(*identity)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Returns once the sidecar serves: admitted, catalog loaded, listeners open."""
+        config = self.config
+        host, _, port = config.api.rpartition(":")
+        self.servers.append(await api.serve_api(host, int(port), self.handle_api))
+        self._spawn(self.admission.run())
+        await self.admission.admitted.wait()
+        svid = self.admission.svid
+        assert svid is not None
+        self.catalog = CatalogClient(
+            config.coordinators, self.coordinator_check, (svid.certificate, svid.key)
+        )
+        self._spawn(self._watch("revocations/", self._revocations_loaded))
+        self._spawn(self._watch("instances/", self._instances_loaded))
+        await self._revocations_loaded.wait()
+        await self._instances_loaded.wait()
+        loop = asyncio.get_running_loop()
+        host, _, port = config.ingress.rpartition(":")
+        self.servers.append(
+            await loop.create_server(IngressListener(self.plane), host, int(port), backlog=1024)
+        )
+        for name, vip in config.vips().items():
+            route = config.routes[name]
+            listener = EgressListener(self.plane, name, route)
+            self.servers.append(await loop.create_server(listener, vip, route.port, backlog=1024))
+        if self.hosts_file is not None:
+            write_hosts(self.hosts_file, hosts_lines(config))
+        self.registrar = Registrar(config, self.catalog, self.metrics)
+        self.registrar_task = asyncio.get_running_loop().create_task(self.registrar.run())
+        self.ready.set()
+        log_event(log, "serving", peer=f"{config.group}/{config.peer_id}", ingress=config.ingress,
+                  routes=config.vips())  # fmt: skip
+
+    def _spawn(self, coro: Any) -> None:
+        self.tasks.append(asyncio.get_running_loop().create_task(coro))
+
+    async def _watch(self, prefix: str, loaded: asyncio.Event) -> None:
+        """Keep the plane's view of ``prefix`` current, for ever (across failovers)."""
+        assert self.catalog is not None
+        plane = self.plane
+        load, apply = (
+            (plane.load_revocations, plane.revocation_events)
+            if prefix == "revocations/"
+            else (plane.load_instances, plane.instance_events)
+        )
+        while True:
+            try:
+                async for update in self.catalog.watch(prefix):
+                    if update.snapshot is not None:
+                        load(update.snapshot)
+                        loaded.set()
+                    else:
+                        apply(update.events)
+            except (Refused, MeshError) as exc:  # our certificate was refused: await renewal
+                log_event(log, "watch_failed", logging.WARNING, prefix=prefix, error=str(exc))
+            await asyncio.sleep(WATCH_RETRY)
+
+    async def stop(self) -> None:
+        """Graceful: deregister, stop accepting, drain open tunnels, then stop everything."""
+        if self.registrar is not None and self.registrar_task is not None:
+            self.registrar_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.registrar_task
+            await self.registrar.deregister_all()
+        for server in self.servers[1:]:
+            server.close()
+        await self.plane.drain(self.config.drain_seconds)
+        self.servers[0].close()
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        log_event(log, "stopped")
+
+    # -- local API ---------------------------------------------------------------------------
+
+    async def handle_api(self, method: str, path: str, doc: Any) -> api.Reply:
+        if method == "GET" and path == "/health":
+            ok = self.ready.is_set() and self.admission.state in ("admitted", "renewing")
+            return api.json_reply(200 if ok else 503, {"ready": ok})
+        if method == "GET" and path == "/metrics":
+            return 200, "text/plain; version=0.0.4", self.metrics.render()
+        if method == "GET" and path == "/v1/status":
+            return api.json_reply(200, self.status())
+        if method == "POST" and path.startswith("/v1/backends/"):
+            return self._set_backend(path.removeprefix("/v1/backends/"), doc)
+        return api.json_reply(404, {"error": f"no such endpoint: {method} {path}"})
+
+    def _set_backend(self, name: str, doc: Any) -> api.Reply:
+        if self.registrar is None:
+            return api.json_reply(503, {"error": "the sidecar is not serving yet"})
+        state = self.registrar.backends.get(name)
+        if state is None:
+            return api.json_reply(404, {"error": f"no backend {name!r} on this CVM"})
+        if not isinstance(doc, dict) or set(doc) - {"role", "tags", "health"}:
+            raise InputError("expected {role, tags, health}", field="body")
+        role, tags, health = doc.get("role"), doc.get("tags") or {}, doc.get("health")
+        if role is not None and not (isinstance(role, str) and DNS_LABEL.fullmatch(role)):
+            raise InputError("role must be a DNS label or null", field="role")
+        if not isinstance(tags, dict) or not all(
+            isinstance(k, str) and DNS_LABEL.fullmatch(k) and isinstance(v, str)
+            for k, v in tags.items()
+        ):
+            raise InputError("tags must map labels to strings", field="tags")
+        if health is not None and health not in HEALTH_VALUES:
+            raise InputError(f"health must be one of {', '.join(HEALTH_VALUES)}", field="health")
+        if health is not None and state.backend.owner != "workload":
+            raise InputError(f"{name} is platform-owned: its health is probed", field="health")
+        changed = self.registrar.set_workload_state(
+            name, role=role, clear_role="role" in doc and role is None, tags=tags, health=health
+        )
+        return api.json_reply(200, changed.to_json())
+
+    def status(self) -> dict[str, Any]:
+        config, plane = self.config, self.plane
+        routes = []
+        for name, vip in config.vips().items():
+            route = config.routes[name]
+            serving = plane.instances.serving(route)
+            routes.append({
+                "name": name, "listen": f"{vip}:{route.port}", "backend": route.backend,
+                "role": route.role, "instances": sorted(i.peer_id for i in serving),
+            })  # fmt: skip
+        tunnels: dict[str, int] = {"egress": 0, "ingress": 0}
+        for tunnel in plane.tunnels:
+            tunnels[tunnel.direction] += 1
+        backends = [s.to_json() for s in self.registrar.backends.values()] if self.registrar else []
+        return {
+            "peer": f"{config.group}/{config.peer_id}",
+            "cluster": config.cluster,
+            "ready": self.ready.is_set(),
+            "admission": self.admission.status(),
+            "ingress": config.ingress,
+            "routes": routes,
+            "backends": backends,
+            "tunnels": tunnels,
+            "revoked_serials": len(plane.revoked),
+            "time": int(time.time()),
+        }
+
+
+HOSTS_BEGIN, HOSTS_END = "# teemesh routes: begin\n", "# teemesh routes: end\n"
+
+
+def write_hosts(path: Path, lines: str) -> None:
+    """Put the route names in ``path``, replacing our previous block and keeping the rest."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        text = ""
+    if HOSTS_BEGIN in text and HOSTS_END in text:
+        head, _, tail = text.partition(HOSTS_BEGIN)
+        tail = tail.partition(HOSTS_END)[2]
+        text = head + tail
+    if text and not text.endswith("\n"):
+        text += "\n"
+    content = f"{text}{HOSTS_BEGIN}{lines}{HOSTS_END}"
+    tmp = path.with_name(f".{path.name}.teemesh")
+    try:
+        tmp.write_text(content)
+        tmp.chmod(0o644)
+        tmp.replace(path)
+    except OSError:  # a bind-mounted file cannot be renamed over: rewrite it in place
+        tmp.unlink(missing_ok=True)
+        path.write_text(content)

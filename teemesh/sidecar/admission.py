@@ -9,6 +9,7 @@ that fails keeps the current certificate until it expires. Each new SVID is hand
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import time
@@ -48,6 +49,7 @@ class Admission:
         self.state = "pending"
         self.last_error: str | None = None
         self.admitted = asyncio.Event()
+        self._renew_now = asyncio.Event()
         self._next = 0
 
     def status(self) -> dict[str, object]:
@@ -84,8 +86,15 @@ class Admission:
                 continue
             delay = RETRY_FIRST
             self._accept(svid)
-            await asyncio.sleep(max(svid.renew_after - self.wall_clock(), 1.0))
+            with contextlib.suppress(TimeoutError):
+                wait = max(svid.renew_after - self.wall_clock(), 1.0)
+                await asyncio.wait_for(self._renew_now.wait(), wait)
+            self._renew_now.clear()
             self._set_state("renewing")
+
+    def renew_now(self) -> None:
+        """Renew at once (an operator's request), without waiting for half-life."""
+        self._renew_now.set()
 
     def _accept(self, svid: Svid) -> None:
         renewed = self.svid is not None

@@ -4,6 +4,7 @@
     GET  /v1/status               who we are, admission, routes, backends, open tunnels
     GET  /metrics                 Prometheus text
     POST /v1/backends/<service>   {"role": "master" | null, "tags": {...}, "health": "..."}
+    POST /v1/admission/renew      renew the SVID now (202; watch /v1/status for the new serial)
 
 HTTP/1.1 with h11, one request per connection; small bodies only. Whoever can reach the CVM's
 loopback is inside the CVM, the same trust as the workload itself.

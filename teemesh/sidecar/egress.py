@@ -154,6 +154,8 @@ class EgressListener:
 
         def verified(leg: TlsLeg) -> None:
             svid = plane.peer_of(leg.peer_der())
+            if svid.serial in plane.revoked:
+                raise PeerError(f"{svid.peer}: certificate {svid.serial:x} is revoked")
             if (svid.group, svid.peer_id) != (instance.group, instance.peer_id):
                 raise PeerError(f"{instance.address}:{instance.port} is {svid.peer}, "
                                 f"not {instance.group}/{instance.peer_id}")  # fmt: skip

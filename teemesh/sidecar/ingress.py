@@ -65,7 +65,11 @@ class IngressListener:
             leg.caller = plane.peer_of(leg.peer_der())
         except MeshError as exc:
             plane.metrics.handshakes.labels("server", "refused").inc()
-            self._refuse(leg, wire.Refusal.REVOKED, str(exc))
+            self._refuse(leg, wire.Refusal.NOT_A_PEER, str(exc))
+            return
+        if leg.caller.serial in plane.revoked:
+            plane.metrics.handshakes.labels("server", "refused").inc()
+            self._refuse(leg, wire.Refusal.REVOKED, "the caller's certificate is revoked")
             return
         plane.metrics.handshakes.labels("server", "ok").inc()
         if plane.draining or plane.at_capacity():

@@ -157,6 +157,9 @@ class Sidecar:
             return 200, "text/plain; version=0.0.4", self.metrics.render()
         if method == "GET" and path == "/v1/status":
             return api.json_reply(200, self.status())
+        if method == "POST" and path == "/v1/admission/renew":
+            self.admission.renew_now()
+            return api.json_reply(202, self.admission.status())
         if method == "POST" and path.startswith("/v1/backends/"):
             return self._set_backend(path.removeprefix("/v1/backends/"), doc)
         return api.json_reply(404, {"error": f"no such endpoint: {method} {path}"})

@@ -26,6 +26,7 @@ class Refusal(enum.Enum):
     """Why an ingress refused a tunnel (the value is what the log and metrics say)."""
 
     BAD_REQUEST = "malformed tunnel request"
+    NOT_A_PEER = "caller certificate names no peer of this cluster"
     REVOKED = "caller certificate revoked"
     CALLER_NOT_ALLOWED = "caller's group may not call this backend"
     UNKNOWN_BACKEND = "no such backend on this CVM"
@@ -45,6 +46,7 @@ class Refusal(enum.Enum):
 
 _STATUS = {
     Refusal.BAD_REQUEST: 400,
+    Refusal.NOT_A_PEER: 403,
     Refusal.REVOKED: 403,
     Refusal.CALLER_NOT_ALLOWED: 403,
     Refusal.UNKNOWN_BACKEND: 404,

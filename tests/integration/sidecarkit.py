@@ -12,6 +12,7 @@ import json
 import signal
 import socket
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -75,7 +76,7 @@ class Sidecar:
         self.proc.process.send_signal(signal.SIGTERM)
 
 
-def coordinator_policy_lines() -> dict[str, Any]:
+def coordinator_policy() -> dict[str, Any]:
     return {
         "tee": "simulated",
         "platform_key": "platform.pub",
@@ -105,8 +106,11 @@ def run_sidecar(
     routes: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     peer_id: str | None = None,
+    wait_ready: bool = True,
 ) -> Iterator[Sidecar]:
-    """A sidecar for CVM ``name`` (its own agent), serving until the block ends."""
+    """A sidecar for CVM ``name`` (its own agent), serving until the block ends.
+
+    ``wait_ready=False`` returns once its local API answers, admitted or not."""
     block = next(_vip_blocks)
     routes = dict(routes or {})
     vips = {}
@@ -119,7 +123,7 @@ def run_sidecar(
         "group": group,
         "peer_id": peer_id or name,
         "coordinators": list(mesh.urls),
-        "coordinator_policy": coordinator_policy_lines(),
+        "coordinator_policy": coordinator_policy(),
         "address": "127.0.0.1",
         "ingress": f"127.0.0.1:{ingress}",
         "api": f"127.0.0.1:{api}",
@@ -139,6 +143,8 @@ def run_sidecar(
             try:
                 with urllib.request.urlopen(f"http://{api_url}/health", timeout=1) as reply:
                     return reply.status == 200
+            except urllib.error.HTTPError:
+                return not wait_ready
             except OSError:
                 return False
 

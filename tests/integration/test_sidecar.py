@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.server
+import json
 import os
 import signal
 import socket
@@ -306,15 +307,15 @@ def mesh_client_context(cluster: Cluster, name: str, group: str) -> ssl.SSLConte
 
 def tunnel_reply(context: ssl.SSLContext, port: int, request: bytes) -> bytes:
     """What the ingress answers ``request``: until it closes, or the end of an accepting head."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-        with context.wrap_socket(raw) as tls:
-            tls.sendall(request)
-            data = b""
-            with contextlib.suppress(ssl.SSLError, ConnectionResetError):
-                while chunk := tls.recv(65536):
-                    data += chunk
-                    if data.startswith(b"HTTP/1.1 200") and b"\r\n\r\n" in data:
-                        break
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    with raw, context.wrap_socket(raw) as tls:
+        tls.sendall(request)
+        data = b""
+        with contextlib.suppress(ssl.SSLError, ConnectionResetError):
+            while chunk := tls.recv(65536):
+                data += chunk
+                if data.startswith(b"HTTP/1.1 200") and b"\r\n\r\n" in data:
+                    break
     return data
 
 
@@ -452,8 +453,6 @@ def test_status_cli_shows_routes_and_backends(cluster: Cluster) -> None:
     result = run_teemesh(["sidecar", "status", "--api", cluster["db-0"].api, "--json"],
                          cluster.mesh.tmp / "status.log")  # fmt: skip
     assert result.returncode == 0, result.stderr
-    import json
-
     doc = json.loads(result.stdout)
     assert doc["peer"] == "db/db-0" and doc["admission"]["state"] == "admitted"
     assert {b["name"]: b["health"] for b in doc["backends"]} == {

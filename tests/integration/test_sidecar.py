@@ -121,7 +121,7 @@ def routes(ports: Ports) -> dict[str, dict[str, object]]:
 
 
 @contextlib.contextmanager
-def cluster_of(tmp, db_names=("db-0", "db-1"), with_ops=True) -> Iterator[Cluster]:
+def cluster_of(tmp, db_names=("db-0", "db-1"), with_ops=True, web_extra=None) -> Iterator[Cluster]:
     mesh = Mesh(tmp)
     mesh_policy(mesh, {"web": (WEB_COMPOSE, []), "db": (DB_COMPOSE, ["api", "digest", "pg"]),
                        "ops": (ROGUE_COMPOSE, [])})  # fmt: skip
@@ -144,7 +144,7 @@ def cluster_of(tmp, db_names=("db-0", "db-1"), with_ops=True) -> Iterator[Cluste
             ))  # fmt: skip
         web_routes = routes(ports) | {"digest-wrong-port": {"backend": "digest", "port": ports.pg}}
         sidecars["web-0"] = stack.enter_context(
-            run_sidecar(mesh, "web-0", WEB_COMPOSE, "web", routes=web_routes)
+            run_sidecar(mesh, "web-0", WEB_COMPOSE, "web", routes=web_routes, extra=web_extra)
         )
         if with_ops:
             sidecars["ops-0"] = stack.enter_context(
@@ -498,11 +498,21 @@ def test_a_revoked_peer_is_cut_off_within_seconds(tmp_path) -> None:
 
 
 def test_sigterm_drains_open_tunnels_then_exits(tmp_path) -> None:
-    with cluster_of(tmp_path, db_names=("db-0",), with_ops=False) as cluster:
+    """Also: the connection limit (two here) refuses a third tunnel at once, not later."""
+    with cluster_of(tmp_path, db_names=("db-0",), with_ops=False,
+                    web_extra={"max_connections": 2}) as cluster:  # fmt: skip
         web, db0 = cluster["web-0"], cluster["db-0"]
         held = web.connect("digest", cluster.ports.digest)
         held.sendall(b"in flight")
-        time.sleep(0.3)
+        with web.connect("digest", cluster.ports.digest) as second:
+            second.sendall(b"second")
+            wait_for("two open tunnels", lambda: web.status()["tunnels"]["egress"] == 2)
+            with web.connect("digest", cluster.ports.digest) as third:
+                assert closed_by_peer(third, 5)
+            second.shutdown(socket.SHUT_WR)
+            assert read_all(second).split()[0].decode() == hashlib.sha256(b"second").hexdigest()
+        assert web.metric("teemesh_refusals_total", direction="egress",
+                          reason="connection_limit") == 1  # fmt: skip
         db0.terminate()
         wait_for("db-0 to leave the catalog", lambda: _route(web, "digest")["instances"] == [])
         held.shutdown(socket.SHUT_WR)  # the open session still completes during the drain

@@ -58,6 +58,8 @@ def read_yaml(path: Path) -> Any:
         return yaml.safe_load(text)
     except RecursionError as exc:
         raise ConfigError(source, ["document nested too deeply"]) from exc
+    except ValueError as exc:  # a constructor's: 2001-13-01 is no date
+        raise ConfigError(source, [f"invalid YAML value: {exc}"]) from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1} column {mark.column + 1}: " if mark else ""

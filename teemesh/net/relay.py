@@ -14,7 +14,10 @@ TLS error, truncation) aborts its partner, so a cut stream never looks complete 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import ssl
+import struct
 from collections.abc import Callable
 from typing import cast
 
@@ -23,6 +26,8 @@ HELD_LIMIT = 256 * 1024
 WRITE_HIGH, WRITE_LOW = 1024 * 1024, 256 * 1024
 TLS_READ = 256 * 1024
 HANDSHAKE_TIMEOUT = 10.0
+_RESET = struct.pack("ii", 1, 0)
+"""SO_LINGER on, timeout 0: close() sends a TCP RST."""
 
 Sink = Callable[[list[bytes]], None]
 
@@ -133,6 +138,15 @@ class Leg(asyncio.Protocol):
 
 
 class TcpLeg(Leg):
+    def abort(self) -> None:
+        """A reset: asyncio's abort() alone closes with a FIN, a clean end to the far side."""
+        if self.transport is not None and not self.transport.is_closing():
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError, ValueError):  # uvloop: closed pseudo-socket
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+        super().abort()
+
     def data_received(self, data: bytes) -> None:
         self._received([data])
 

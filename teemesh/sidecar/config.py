@@ -11,12 +11,14 @@ import ipaddress
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import AfterValidator, Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from teemesh.attest.policy import Policy, with_platform_key
 from teemesh.config import ConfigError, Frozen, parse_model, read_yaml
 from teemesh.coordinator.policy import Label
 from teemesh.coordinator.records import Address
+from teemesh.errors import InputError
 from teemesh.net.attested_https import https_target
 
 VIP_NETWORK = ipaddress.ip_network("127.77.0.0/16")
@@ -25,7 +27,10 @@ FIRST_VIP = 10
 
 
 def _https(url: str) -> str:
-    https_target(url)  # InputError (a ValueError) names the problem
+    try:
+        https_target(url)
+    except InputError as exc:  # not a ValueError: pydantic would let it escape, path and all
+        raise ValueError(exc.problem) from exc
     return url.rstrip("/")
 
 
@@ -37,7 +42,7 @@ def _loopback(vip: str) -> str:
 
 def _host_port(value: str) -> str:
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ValueError(f"expected HOST:PORT, got {value!r}")
     return value
 
@@ -109,21 +114,25 @@ class SidecarConfig(Frozen):
 
     @model_validator(mode="after")
     def _listeners_unique(self) -> SidecarConfig:
+        problems: list[InitErrorDetails] = []
+
+        def problem(name: str, message: str) -> None:
+            error = PydanticCustomError("route", "{message}", {"message": message})
+            problems.append(InitErrorDetails(type=error, loc=("routes", name), input=None))
+
         seen: dict[tuple[str, int], str] = {}
         vips = route_vips(self.routes)
         for name, route in self.routes.items():
             where = (vips[name], route.port)
             if where in seen:
-                raise ValueError(
-                    f"routes.{name}: listens on {where[0]}:{where[1]} like route {seen[where]}"
-                )
-            seen[where] = name
+                problem(name, f"listens on {where[0]}:{where[1]} like route {seen[where]}")
+            seen.setdefault(where, name)
             local = self.backends.get(route.backend)
             if local is not None and local.port != route.port:
-                raise ValueError(
-                    f"routes.{name}: port {route.port} but backend {route.backend} "
-                    f"serves on {local.port}"
-                )
+                serves = f"backend {route.backend} serves on {local.port}"
+                problem(name, f"port {route.port} but {serves}")
+        if problems:
+            raise ValidationError.from_exception_data(type(self).__name__, problems)
         return self
 
     @property

@@ -47,9 +47,9 @@ class Instance:
                 key, str(value["service"]), str(value["group"]), str(value["peer_id"]),
                 str(value["address"]), int(value["port"]),
                 {str(k): str(v) for k, v in tags.items()}, str(value.get("health", "passing")),
-                value.get("instance_id"),
+                _optional_str(value.get("instance_id")),
             )  # fmt: skip
-        except (KeyError, TypeError, ValueError, AttributeError):
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
             return None
         return instance if 1 <= instance.port <= 65535 else None
 
@@ -57,6 +57,10 @@ class Instance:
         if self.service != route.backend or self.health == "critical":
             return False
         return route.role is None or self.tags.get(ROLE_TAG) == route.role
+
+
+def _optional_str(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 class InstanceTable:
@@ -86,7 +90,7 @@ class InstanceTable:
         for event in events:
             if event.get("type") == "put":
                 self.put(str(event.get("key")), event.get("value"))
-            else:
+            elif event.get("type") == "delete":
                 self.delete(str(event.get("key")))
 
     def serving(self, route: Route) -> list[Instance]:

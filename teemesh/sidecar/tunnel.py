@@ -73,7 +73,8 @@ def split_head(buffer: bytes) -> tuple[bytes, bytes] | None:
     """(head, rest) once ``buffer`` holds a whole head; None while more is needed."""
     end = buffer.find(HEAD_END)
     if end < 0:
-        if len(buffer) > MAX_HEAD:
+        # the last bytes may be the start of HEAD_END: the head proper is at least this long
+        if len(buffer) - (len(HEAD_END) - 1) > MAX_HEAD:
             raise InputError(f"tunnel header longer than {MAX_HEAD} bytes", field="tunnel")
         return None
     if end > MAX_HEAD:

@@ -2,6 +2,8 @@
 
 Collateral (TCB info, QE identity, CRLs) expires; it is read from a file or a cache folder and
 never fetched here, and tests pin the verification time to the collateral's validity window.
+dcap-qvl is imported only when a TDX quote is checked: processes that never see one (the sidecar
+on a simulated mesh) do not load it.
 """
 
 from __future__ import annotations
@@ -10,8 +12,6 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import dcap_qvl
 
 from teemesh.attest.quote import Quote
 from teemesh.encoding import load_json
@@ -92,6 +92,8 @@ def _read_collateral(file: Path) -> Collateral:
 
 
 def quote_fmspc(quote: Quote) -> str:
+    import dcap_qvl  # noqa: PLC0415
+
     pem = quote.signature.pck_chain_pem
     if not pem:
         raise InputError("the quote carries no PCK certificate chain", field="quote")
@@ -104,6 +106,8 @@ def quote_fmspc(quote: Quote) -> str:
 
 def verify_dcap(quote: Quote, collateral: Collateral, now: int) -> DcapResult:
     """Verify the Intel signature chain and TCB level; raise ``DcapRejected`` on refusal."""
+    import dcap_qvl  # noqa: PLC0415
+
     if not 0 <= now < 2**63:
         raise InputError(f"{now} is not a UNIX time", field="now")
     try:

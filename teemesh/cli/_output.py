@@ -1,4 +1,8 @@
-"""Shared CLI output: rich tables for people, ``--json`` for scripts, errors on stderr."""
+"""Shared CLI output: rich tables for people, ``--json`` for scripts, errors on stderr.
+
+rich is imported on first use, not when the CLI starts: ``teemesh sidecar run`` is a long-lived
+process that never prints a table, and should not carry rich (and what it imports) in memory.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +10,34 @@ import json
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import click
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 from teemesh.errors import InputError, MeshError
 
-stdout = Console(highlight=False, soft_wrap=True)
-stderr = Console(stderr=True, highlight=False)
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+
+class _LazyConsole:
+    """A ``rich.console.Console`` made (and rich imported) when first used."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._console: Console | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console  # noqa: PLC0415
+
+            self._console = Console(**self._options)
+        return getattr(self._console, name)
+
+
+stdout = cast("Console", _LazyConsole(highlight=False, soft_wrap=True))
+stderr = cast("Console", _LazyConsole(stderr=True, highlight=False))
 
 EXIT_BAD_INPUT = 2
 
@@ -26,6 +47,9 @@ def print_json(doc: Any) -> None:
 
 
 def table(title: str, rows: Iterable[tuple[str, Any]]) -> Table:
+    from rich.table import Table  # noqa: PLC0415
+    from rich.text import Text  # noqa: PLC0415
+
     out = Table(title=title, title_justify="left", show_header=False, box=None, pad_edge=False)
     out.add_column(style="bold cyan", no_wrap=True)
     out.add_column(overflow="fold")
@@ -37,6 +61,8 @@ def table(title: str, rows: Iterable[tuple[str, Any]]) -> Table:
 
 def grid(title: str, columns: Iterable[str], rows: Iterable[Iterable[Any]]) -> Table:
     """A table with a header row, one line per item."""
+    from rich.table import Table  # noqa: PLC0415
+
     out = Table(title=title, title_justify="left")
     for column in columns:
         out.add_column(column, overflow="fold")
@@ -46,6 +72,8 @@ def grid(title: str, columns: Iterable[str], rows: Iterable[Iterable[Any]]) -> T
 
 
 def fail(error: MeshError | str, code: int = EXIT_BAD_INPUT) -> NoReturn:
+    from rich.text import Text  # noqa: PLC0415
+
     stderr.print(Text("error: ", style="bold red") + Text(str(error)))
     sys.exit(code)
 

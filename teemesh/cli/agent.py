@@ -8,7 +8,7 @@ import re
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -21,9 +21,9 @@ from teemesh.cli._output import fail, stderr, stdout, table
 from teemesh.encoding import load_json, parse_hex
 from teemesh.errors import InputError, MeshError
 from teemesh.fsutil import append_private, write_private
-from teemesh.platform.agent import GuestAgent
-from teemesh.platform.appkeys import AgentKeys, keys_from_seed, load_appkeys
-from teemesh.platform.keys import decrypt_env
+
+if TYPE_CHECKING:
+    from teemesh.platform.appkeys import AgentKeys
 
 DEFAULT_COMPOSE = (
     b'{"manifest_version":2,"name":"teemesh-agent","runner":"docker-compose",'
@@ -120,7 +120,12 @@ def agent(
 ) -> None:
     """Serve dstack's guest-agent API on SOCKET, backed by the simulated TEE."""
     # Imported here: FastAPI and uvicorn cost every other teemesh command ~0.5 s at start-up.
+    # So are the guest agent (msgpack), app keys and dstack's key derivations: the sidecar
+    # (`teemesh sidecar run`) must not carry them in memory.
+    from teemesh.platform.agent import GuestAgent  # noqa: PLC0415
     from teemesh.platform.agent_http import create_app  # noqa: PLC0415
+    from teemesh.platform.appkeys import keys_from_seed, load_appkeys  # noqa: PLC0415
+    from teemesh.platform.keys import decrypt_env  # noqa: PLC0415
     from teemesh.platform.prpc import bind_tcp, bind_unix, run_app  # noqa: PLC0415
 
     if kms_urls and app_keys:

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import click
-from rich.text import Text
 
 from teemesh.attest.dcap import CollateralStore
 from teemesh.attest.evidence import MAX_EVIDENCE_LEN, Analysis, analyze, load_evidence
@@ -100,6 +99,8 @@ def verify(
     if as_json:
         print_json(verdict.to_json())
     else:
+        from rich.text import Text  # noqa: PLC0415
+
         status = Text("accepted", "bold green") if verdict.ok else Text("rejected", "bold red")
         stdout.print(
             table(

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
-from rich.text import Text
 
 from teemesh.cli._output import fail, stderr, stdout, table
 from teemesh.errors import InputError
@@ -66,6 +65,8 @@ def auth_simple(config_path: Path, listen: str) -> None:
 
 def _log_decision(kind: BootKind, info: BootInfo, decision: BootDecision) -> None:
     """One line per request on stderr, like auth-simple's console log."""
+    from rich.text import Text  # noqa: PLC0415
+
     if kind == "app":
         who = f"appId={info.app_id.hex()} composeHash={info.compose_hash.hex()}"
     else:

@@ -18,7 +18,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from teemesh.errors import MeshError, PeerError
 from teemesh.identity.certs import CertSpec, issue
 from teemesh.identity.ratls import OID_APP_ID, extension, extension_bytes, spki_der
-from teemesh.platform.keys import derive_p256_from_seed
 
 COORDINATOR_USAGE = b"teemesh:coordinator"
 """The RA-TLS usage of a coordinator's server certificate; the mesh CA gives it to no SVID."""
@@ -34,6 +33,9 @@ def spiffe_id(cluster: str, group: str, peer_id: str) -> str:
 
 
 def mesh_ca_key(secret: bytes) -> ec.EllipticCurvePrivateKey:
+    # Only coordinators derive the CA key; the sidecar, which reads SVIDs, needn't load this.
+    from teemesh.platform.keys import derive_p256_from_seed  # noqa: PLC0415
+
     return derive_p256_from_seed(secret, [b"teemesh-mesh-ca"])
 
 

@@ -2,6 +2,9 @@
 
 Keys derived here must equal those of a real dstack KMS and agent byte for byte, so that apps,
 SDKs and on-chain verifiers can't tell them apart. The vectors in shared/vectors/dstack pin that.
+
+coincurve (secp256k1) and pycryptodome (Keccak) are imported by the functions that use them, so
+that processes that only derive P-256 keys here (the mesh CA) do not load them.
 """
 
 from __future__ import annotations
@@ -11,10 +14,8 @@ import json
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-import coincurve
-from Crypto.Hash import keccak as _keccak
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, x25519
@@ -25,6 +26,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from teemesh.attest.dstack import APP_ID_LEN
 from teemesh.encoding import load_json
 from teemesh.errors import InputError
+
+if TYPE_CHECKING:
+    import coincurve
 
 _SECP256K1_N: Final = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 KEY_ALGORITHMS: Final = ("secp256k1", "ed25519")
@@ -38,6 +42,8 @@ REPORT_HASH_ALGORITHMS: Final = (
 
 def keccak(data: bytes, bits: int = 256) -> bytes:
     """Ethereum's Keccak (the pre-SHA-3 padding): what dstack hashes every signed message with."""
+    from Crypto.Hash import keccak as _keccak  # noqa: PLC0415
+
     return _keccak.new(digest_bits=bits, data=data).digest()
 
 
@@ -63,6 +69,8 @@ def derive_key(ikm: bytes, context_parts: Iterable[bytes], length: int = 32) -> 
 
 
 def _k256(secret: bytes, field: str) -> coincurve.PrivateKey:
+    import coincurve  # noqa: PLC0415
+
     try:
         return coincurve.PrivateKey(_need(secret, 32, field))
     except ValueError as exc:
@@ -92,6 +100,8 @@ def recover_signer(signature: bytes, digest: bytes) -> bytes:
     _, s = _rs(_need(signature, 65, "signature"), "signature")
     if s > _SECP256K1_N // 2 or signature[64] > 3:
         raise InputError("s is not low or v is not 0..3", field="signature")
+    import coincurve  # noqa: PLC0415
+
     try:
         public = coincurve.PublicKey.from_signature_and_message(
             signature, _need(digest, 32, "digest"), hasher=None
@@ -170,6 +180,8 @@ def verify(algorithm: str, data: bytes, signature: bytes, public_key: bytes) -> 
         return True
     r, s = _rs(_need(signature, 64, "signature"), "signature")
     digest = _need(data, 32, "data") if name.endswith("prehashed") else _sha256(data)
+    import coincurve  # noqa: PLC0415
+
     try:
         key = coincurve.PublicKey(public_key)
     except (ValueError, TypeError) as exc:

@@ -17,6 +17,7 @@ from typing import Any
 from cryptography import x509
 
 from teemesh.catalog.store import MAX_KEY_BYTES, StoreError, StoreErrorReason
+from teemesh.coordinator.errors import NotRegistered, lease_gone
 from teemesh.coordinator.records import (
     SIDECAR_READABLE,
     AdmissionRecord,
@@ -29,24 +30,12 @@ from teemesh.coordinator.records import (
 )
 from teemesh.coordinator.service import Coordinator
 from teemesh.encoding import DNS_LABEL
-from teemesh.errors import InputError, MeshError, PeerError, Refused
+from teemesh.errors import InputError, PeerError, Refused
 from teemesh.identity.meshca import SvidIdentity, read_svid
 
 
 class Unauthenticated(PeerError):
     """No usable SVID: HTTP 401."""
-
-
-class NotRegistered(MeshError):
-    """The instance or the peer's lease is not there (any more); ``status`` is 404 or 410."""
-
-    def __init__(self, message: str, status: int = 404) -> None:
-        self.status = status
-        super().__init__(message)
-
-
-def lease_gone() -> NotRegistered:
-    return NotRegistered("the peer's lease has expired: register its services again", 410)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from urllib.parse import quote
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from teemesh.coordinator.catalog import NotRegistered
+from teemesh.coordinator.errors import NotRegistered
 from teemesh.coordinator.records import WATCH_KEEPALIVE
 from teemesh.errors import InputError, PeerError, Refused
 from teemesh.identity.meshca import COORDINATOR_USAGE

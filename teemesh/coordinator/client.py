@@ -18,7 +18,7 @@ from cryptography.x509.oid import NameOID
 
 from teemesh.attest.policy import Reason, Refusal
 from teemesh.coordinator.admission import admission_report_data
-from teemesh.coordinator.service import AdmissionRefused
+from teemesh.coordinator.errors import AdmissionRefused
 from teemesh.errors import InputError, PeerError
 from teemesh.identity.certs import load_cert_pem, new_p256_key
 from teemesh.identity.meshca import COORDINATOR_USAGE, read_svid, spiffe_id

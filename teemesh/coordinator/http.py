@@ -22,7 +22,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from teemesh.coordinator.admission import AdmissionRequest
-from teemesh.coordinator.catalog import Catalog, NotRegistered, Unauthenticated
+from teemesh.coordinator.catalog import Catalog, Unauthenticated
+from teemesh.coordinator.errors import AdmissionRefused, NotRegistered
 from teemesh.coordinator.http_admin import (
     AdminAuth,
     AdminDenied,
@@ -33,7 +34,7 @@ from teemesh.coordinator.http_admin import (
 from teemesh.coordinator.http_catalog import add_catalog_routes
 from teemesh.coordinator.http_util import Log, coordinator_of, json_body
 from teemesh.coordinator.records import WATCH_KEEPALIVE, PolicyEpoch
-from teemesh.coordinator.service import AdmissionRefused, Coordinator
+from teemesh.coordinator.service import Coordinator
 from teemesh.errors import InputError, MeshError, Refused
 from teemesh.identity.certs import cert_pem
 

@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from pydantic import StringConstraints
 
 from teemesh.config import Frozen
-from teemesh.coordinator.catalog import NotRegistered
+from teemesh.coordinator.errors import NotRegistered
 from teemesh.coordinator.http_util import Log, coordinator_of, json_body
 from teemesh.coordinator.policy import ClusterPolicy, Label
 from teemesh.coordinator.records import parse_request

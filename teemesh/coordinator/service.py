@@ -20,7 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from teemesh.attest.dcap import CollateralStore
-from teemesh.attest.policy import Reason, Refusal
+from teemesh.attest.policy import Reason
 from teemesh.catalog.store import Store, StoreError, StoreErrorReason
 from teemesh.clock import Clock, SystemClock
 from teemesh.coordinator.admission import (
@@ -29,6 +29,7 @@ from teemesh.coordinator.admission import (
     Admitted,
     check_admission,
 )
+from teemesh.coordinator.errors import AdmissionRefused, refuse
 from teemesh.coordinator.policy import ClusterPolicy
 from teemesh.coordinator.records import (
     ADMISSIONS,
@@ -42,24 +43,12 @@ from teemesh.coordinator.records import (
     recheck,
     revocation_key,
 )
-from teemesh.errors import InputError, Refused
+from teemesh.errors import InputError
 from teemesh.identity.certs import cert_pem
 from teemesh.identity.meshca import issue_svid, spiffe_id
 
 REVOCATION_SLACK = 300
 """Seconds a revocation outlives its certificate in the store, for clocks that disagree."""
-
-
-class AdmissionRefused(Refused):
-    """403 with reason codes; each also names the peer so the log line says who."""
-
-    def __init__(self, refusals: tuple[Refusal, ...]) -> None:
-        self.refusals = refusals
-        super().__init__([f"{r.code}: {r.message}" for r in refusals])
-
-
-def refuse(code: Reason, message: str) -> AdmissionRefused:
-    return AdmissionRefused((Refusal(code, message),))
 
 
 @dataclass(frozen=True)

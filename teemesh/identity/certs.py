@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import (
@@ -144,7 +145,7 @@ def load_key_pem(pem: str | bytes, *, field: str) -> ec.EllipticCurvePrivateKey:
         key = serialization.load_pem_private_key(
             pem.encode() if isinstance(pem, str) else pem, password=None
         )
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise InputError(f"not a PEM private key: {exc}", field=field) from exc
     if not (isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1)):
         raise InputError("expected a P-256 private key", field=field)

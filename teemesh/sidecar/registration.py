@@ -14,8 +14,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from teemesh.coordinator.catalog import NotRegistered
 from teemesh.coordinator.catalog_client import CatalogClient
+from teemesh.coordinator.errors import NotRegistered
 from teemesh.errors import MeshError
 from teemesh.logs import log_event
 from teemesh.sidecar.config import Backend, SidecarConfig

@@ -15,10 +15,9 @@ from typing import Any, TypeVar
 import pytest
 from meshkit import DB_COMPOSE, WEB_COMPOSE, Mesh, group_yaml
 
-from teemesh.coordinator.catalog import NotRegistered
 from teemesh.coordinator.catalog_client import CatalogClient
 from teemesh.coordinator.client import AdmissionClient, Svid
-from teemesh.coordinator.service import AdmissionRefused
+from teemesh.coordinator.errors import AdmissionRefused, NotRegistered
 from teemesh.errors import PeerError, Refused
 from teemesh.identity.certs import new_p256_key
 from teemesh.identity.meshca import (

@@ -15,7 +15,7 @@ from meshkit import ROGUE_COMPOSE, WEB_COMPOSE, Mesh, group_yaml
 
 from teemesh.attest.dstack import compose_hash
 from teemesh.coordinator.client import AdmissionClient
-from teemesh.coordinator.service import AdmissionRefused
+from teemesh.coordinator.errors import AdmissionRefused
 from teemesh.errors import PeerError
 from teemesh.identity.ratls import PinnedPeer
 from teemesh.platform.agent_client import AgentClient

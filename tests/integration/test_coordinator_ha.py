@@ -27,7 +27,7 @@ from teemesh.attest.policy import Reason
 from teemesh.catalog.etcd import EtcdStore, cluster_prefix
 from teemesh.coordinator.catalog_client import CatalogClient, CatalogUpdate
 from teemesh.coordinator.client import AdmissionClient, Svid
-from teemesh.coordinator.service import AdmissionRefused
+from teemesh.coordinator.errors import AdmissionRefused
 from teemesh.errors import PeerError
 from teemesh.identity.certs import load_cert_pem
 from teemesh.platform.agent_client import AgentClient

@@ -22,7 +22,7 @@ from procs import run_teemesh
 from teemesh.attest.dstack import compose_hash
 from teemesh.coordinator.catalog_client import CatalogClient
 from teemesh.coordinator.client import AdmissionClient, Svid
-from teemesh.coordinator.service import AdmissionRefused
+from teemesh.coordinator.errors import AdmissionRefused
 from teemesh.errors import Refused
 from teemesh.platform.agent_client import AgentClient
 

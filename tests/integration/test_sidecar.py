@@ -262,9 +262,7 @@ def test_a_caller_outside_callers_is_refused_before_the_backend(cluster: Cluster
     servers = [cluster.digests[(h, cluster.ports.digest)] for h in HOSTS.values()]
     seen = sum(s.connections for s in servers)
     with ops.connect("digest", cluster.ports.digest) as sock:
-        sock.sendall(b"bytes that must never reach the backend")
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_WR)
+        send_quietly(sock, b"bytes that must never reach the backend", half_close=True)
         assert read_all_or_reset(sock) == b""
     assert sum(s.connections for s in servers) == seen
     refused = cluster["db-0"].metric("teemesh_refusals_total", direction="ingress",
@@ -273,6 +271,14 @@ def test_a_caller_outside_callers_is_refused_before_the_backend(cluster: Cluster
     assert refused >= 1
     logs = db0.proc.output() + cluster["db-1"].proc.output()
     assert '"reason":"CALLER_NOT_ALLOWED","caller":"ops/ops-0"' in logs
+
+
+def send_quietly(sock: socket.socket, data: bytes, *, half_close: bool = False) -> None:
+    """Send to a connection the sidecar may already have reset (a refusal can come first)."""
+    with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+        sock.sendall(data)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
 
 
 def read_all_or_reset(sock: socket.socket) -> bytes:
@@ -285,7 +291,7 @@ def read_all_or_reset(sock: socket.socket) -> bytes:
 def test_a_backend_port_the_instance_does_not_serve_is_refused(cluster: Cluster) -> None:
     web = cluster["web-0"]
     with web.connect("digest-wrong-port", cluster.ports.pg) as sock:
-        sock.sendall(b"x")
+        send_quietly(sock, b"x")
         assert read_all_or_reset(sock) == b""
     assert sum(cluster[n].metric("teemesh_refusals_total", direction="ingress",
                                  reason="unknown_backend") for n in HOSTS) >= 1  # fmt: skip
@@ -355,7 +361,7 @@ def test_an_unknown_route_backend_closes_the_client(cluster: Cluster) -> None:
     status, _ = web.post("/v1/backends/nothing", {"role": "x"})
     assert status == 404
     with web.connect("pg-replica", cluster.ports.pg) as sock:  # no replica is tagged yet
-        sock.sendall(b"x")
+        send_quietly(sock, b"x")
         assert read_all_or_reset(sock) == b""
     assert web.metric("teemesh_refusals_total", direction="egress", reason="no_instance") >= 1
 
@@ -491,8 +497,7 @@ def test_a_revoked_peer_is_cut_off_within_seconds(tmp_path) -> None:
             held.close()
         assert time.monotonic() - started < 5
         with web.connect("digest", cluster.ports.digest) as sock:
-            sock.sendall(b"x")
-            sock.shutdown(socket.SHUT_WR)
+            send_quietly(sock, b"x", half_close=True)
             assert read_all_or_reset(sock) == b""
         assert cluster["db-0"].metric("teemesh_connections_cut_total", reason="revoked") >= 1
 

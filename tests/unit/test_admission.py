@@ -22,8 +22,9 @@ from teemesh.attest.simulated import OsImage, PlatformKey, SimulatedCvm
 from teemesh.catalog.sqlite import SqliteStore
 from teemesh.clock import ManualClock
 from teemesh.coordinator.admission import AdmissionRequest, admission_report_data
+from teemesh.coordinator.errors import AdmissionRefused
 from teemesh.coordinator.policy import ClusterPolicy
-from teemesh.coordinator.service import AdmissionRefused, Coordinator
+from teemesh.coordinator.service import Coordinator
 from teemesh.errors import InputError
 from teemesh.identity.certs import new_p256_key
 from teemesh.identity.meshca import mesh_ca_cert, mesh_ca_key

@@ -137,6 +137,10 @@ class EgressListener:
             return True
         if rest:
             client.send([rest])
+        if leg.tls.session is not None and leg.tls.session.has_ticket:  # tickets came by now
+            plane.sessions[instance.key] = leg.tls.session
+        resumed = "resumed" if leg.tls.session_reused else "full"
+        plane.metrics.handshakes.labels("client", resumed).inc()
         tunnel = Tunnel("egress", self.name, attempt.handshake.result(), (client, leg),
                         instance=instance.key, role=self.route.role)  # fmt: skip
         plane.add(tunnel)
@@ -159,7 +163,6 @@ class EgressListener:
             if (svid.group, svid.peer_id) != (instance.group, instance.peer_id):
                 raise PeerError(f"{instance.address}:{instance.port} is {svid.peer}, "
                                 f"not {instance.group}/{instance.peer_id}")  # fmt: skip
-            plane.metrics.handshakes.labels("client", "ok").inc()
             if not handshake.done():
                 handshake.set_result(svid)
 
@@ -168,8 +171,11 @@ class EgressListener:
             for future in (handshake, reply):
                 _fail(future, PeerError(f"TLS to {instance.key}: {exc}"))
 
+        session = plane.sessions.get(instance.key)
+
         def make() -> TlsLeg:
-            return TlsLeg(context, server_side=False, on_handshake=verified, on_failure=failed)
+            return TlsLeg(context, server_side=False, on_handshake=verified, on_failure=failed,
+                          session=session)  # fmt: skip
 
         _, leg = await asyncio.wait_for(
             loop.create_connection(make, instance.address, instance.port),

@@ -71,7 +71,9 @@ class IngressListener:
             plane.metrics.handshakes.labels("server", "refused").inc()
             self._refuse(leg, wire.Refusal.REVOKED, "the caller's certificate is revoked")
             return
-        plane.metrics.handshakes.labels("server", "ok").inc()
+        plane.metrics.handshakes.labels(
+            "server", "resumed" if leg.tls.session_reused else "full"
+        ).inc()
         if plane.draining or plane.at_capacity():
             reason = wire.Refusal.DRAINING if plane.draining else wire.Refusal.CONNECTION_LIMIT
             self._refuse(leg, reason, "")

@@ -54,10 +54,12 @@ class Plane:
         metrics: Metrics,
         *,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.metrics = metrics
         self.clock = clock
+        self.wall_clock = wall_clock
         self.client_context: ssl.SSLContext | None = None
         self.server_context: ssl.SSLContext | None = None
         self.ca: x509.Certificate | None = None
@@ -69,6 +71,8 @@ class Plane:
         """Connections accepted but not yet joined (counted against the limit)."""
         self.sweeper = IdleSweeper(config.idle_timeout)
         self.draining = False
+        self.sessions: dict[str, ssl.SSLSession] = {}
+        """The last TLS session per instance key, offered again on the next tunnel to it."""
 
     # -- identity ---------------------------------------------------------------------------
 
@@ -77,12 +81,17 @@ class Plane:
         self.client_context = tls_context(server=False, identity=identity, verify=ca)
         self.server_context = tls_context(server=True, identity=identity, verify=ca)
         self.ca = ca
+        self.sessions.clear()  # they belong to the old context (and present the old SVID)
 
     def peer_of(self, der: bytes | None) -> SvidIdentity:
         """The mesh peer a certificate (verified by OpenSSL) names; PeerError if none."""
         if der is None:
             raise PeerError("the peer presented no certificate")
-        return read_svid(x509.load_der_x509_certificate(der), self.config.cluster)
+        cert = x509.load_der_x509_certificate(der)
+        if cert.not_valid_after_utc.timestamp() < self.wall_clock():
+            # OpenSSL checked it at the full handshake; a resumed session may outlive it
+            raise PeerError(f"the peer's certificate {cert.serial_number:x} has expired")
+        return read_svid(cert, self.config.cluster)
 
     # -- tunnels ----------------------------------------------------------------------------
 

@@ -120,15 +120,22 @@ class Processes:
     started: list[tuple[str, subprocess.Popen[bytes], Path]] = field(default_factory=list)
 
     def start(self, name: str, args: list[str], log: Path, ready: Callable[[], bool]) -> int:
+        """Start ``teemesh ARGS`` (the command beside this Python); wait until ``ready()``."""
         teemesh = Path(sys.executable).parent / "teemesh"
+        return self.start_command(f"teemesh {name}", [str(teemesh), *args], log, ready)
+
+    def start_command(
+        self, name: str, argv: list[str], log: Path, ready: Callable[[], bool]
+    ) -> int:
+        """Start any command (a HAProxy, a backend), output to ``log``; wait until ``ready()``."""
         with log.open("wb") as out:
-            proc = subprocess.Popen([str(teemesh), *args], stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
         self.started.append((name, proc, log))
         deadline = time.monotonic() + 30
         while not ready():
             if proc.poll() is not None or time.monotonic() > deadline:
                 tail = log.read_text(errors="replace")[-2000:]
-                raise SystemExit(f"teemesh {name} did not start (exit {proc.poll()}):\n{tail}")
+                raise SystemExit(f"{name} did not start (exit {proc.poll()}):\n{tail}")
             time.sleep(0.05)
         return proc.pid
 

@@ -1022,11 +1022,11 @@ def notes(doc: dict[str, Any]) -> list[str]:
 
 def parse_args() -> tuple[argparse.Namespace, Options]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=int, default=5, help="per measurement (5)")
+    parser.add_argument("--seconds", type=int, help="per measurement (5; --quick: 2)")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured wrk run before (1)")
-    parser.add_argument("--connections", type=int, default=64, help="wrk connections (64)")
+    parser.add_argument("--connections", type=int, help="wrk connections (64; --quick: 32)")
     parser.add_argument("--threads", type=int, default=1, help="wrk threads (1)")
-    parser.add_argument("--quick", action="store_true", help="2 s, 32 connections")
+    parser.add_argument("--quick", action="store_true", help="2 s, 32 connections by default")
     parser.add_argument("--http-backend", choices=("haproxy", "python"), default="haproxy")
     parser.add_argument("--profile", type=Path, help="py-spy the sidecars into this folder")
     parser.add_argument("--py-spy", help="the py-spy command (default: on PATH)")
@@ -1046,8 +1046,10 @@ def parse_args() -> tuple[argparse.Namespace, Options]:
     parser.add_argument("--json", action="store_true", help="print one JSON document instead")
     parser.add_argument("--save", type=Path, help="also write the JSON document to this file")
     args = parser.parse_args()
-    if args.quick:
-        args.seconds, args.connections = 2, 32
+    if args.seconds is None:
+        args.seconds = 2 if args.quick else 5
+    if args.connections is None:
+        args.connections = 32 if args.quick else 64
     if not 1 <= args.seconds <= 600 or not 0 <= args.warmup <= 60:
         parser.error("--seconds must be within 1..600 and --warmup within 0..60")
     if not 1 <= args.repeat <= 20 or args.quiet_wait < 0:

@@ -65,6 +65,11 @@ class Leg(asyncio.Protocol):
                 partner.abort()
         if self.on_close is not None:
             self.on_close(self, exc)
+        # break the reference cycles (partners, callbacks capturing legs), so a closed leg's
+        # OpenSSL state is freed now rather than at the next garbage collection
+        self.on_close = self.sink = None
+        if partner is not None and partner.closed:
+            partner.partner = self.partner = None
 
     def pause_writing(self) -> None:
         if self.partner is not None:
@@ -205,7 +210,8 @@ class TlsLeg(Leg):
             self._timer.cancel()
         if not self.handshaken and self.on_failure is not None:
             self.on_failure(self, exc or ConnectionError("closed during the TLS handshake"))
-            self.on_failure = None
+        self.on_failure = None
+        self.on_handshake = _no_handshake
         super().connection_lost(exc)
 
     def peer_der(self) -> bytes | None:
@@ -309,6 +315,10 @@ class TlsLeg(Leg):
         data = self._out.read()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
+
+
+def _no_handshake(_leg: TlsLeg) -> None:
+    """What a closed leg's ``on_handshake`` becomes (the real one may hold the leg's owner)."""
 
 
 def join(a: Leg, b: Leg) -> None:

@@ -137,10 +137,14 @@ class EgressListener:
             return True
         if rest:
             client.send([rest])
-        if leg.tls.session is not None and leg.tls.session.has_ticket:  # tickets came by now
-            plane.sessions[instance.key] = leg.tls.session
-        resumed = "resumed" if leg.tls.session_reused else "full"
-        plane.metrics.handshakes.labels("client", resumed).inc()
+        if leg.tls.session_reused:
+            plane.metrics.handshakes.labels("client", "resumed").inc()
+        else:  # keep this session for the next tunnels (its tickets came before the reply)
+            plane.metrics.handshakes.labels("client", "full").inc()
+            # read once: on CPython 3.11 every read of .session leaks a copy (cpython#116810)
+            session = leg.tls.session
+            if session is not None and session.has_ticket:
+                plane.sessions[instance.key] = session
         tunnel = Tunnel("egress", self.name, attempt.handshake.result(), (client, leg),
                         instance=instance.key, role=self.route.role)  # fmt: skip
         plane.add(tunnel)

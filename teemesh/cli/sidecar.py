@@ -254,11 +254,9 @@ def _tags(tags: dict[str, str]) -> str:
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def exec_(hosts_file: Path, mode: str, command: tuple[str, ...]) -> None:
     """Run COMMAND with the route names resolving (``teemesh sidecar exec -- psql -h db``)."""
-    from teemesh.sidecar.service import HOSTS_BEGIN, write_hosts  # noqa: PLC0415
+    from teemesh.sidecar.hosts import route_block, write_hosts  # noqa: PLC0415
 
-    routes = hosts_file.read_text()
-    if HOSTS_BEGIN in routes:
-        routes = routes.partition(HOSTS_BEGIN)[2].partition("# teemesh routes: end")[0]
+    routes = route_block(hosts_file.read_text())
     if shutil.which(command[0]) is None:
         fail(f"command not found: {command[0]}")
     if mode == "auto":

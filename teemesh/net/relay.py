@@ -293,9 +293,10 @@ class TlsLeg(Leg):
         self._flush()
 
     def send_eof(self) -> None:
-        if self.eof_out or self.closed or not self.handshaken:
-            if not self.handshaken:
-                self.abort()
+        if not self.handshaken:  # nothing to end cleanly yet
+            self.abort()
+            return
+        if self.eof_out or self.closed:
             return
         self.eof_out = True
         try:

@@ -55,11 +55,14 @@ class EgressListener:
 
     def _accepted(self, client: TcpLeg) -> None:
         plane = self.plane
-        if plane.draining or plane.at_capacity() or plane.client_context is None:
-            reason = "draining" if plane.draining else "no_identity"
-            if plane.at_capacity():
-                reason = "connection_limit"
-            plane.metrics.refusals.labels("egress", reason).inc()
+        refusal = (
+            "draining" if plane.draining
+            else "connection_limit" if plane.at_capacity()
+            else "no_identity" if plane.client_context is None
+            else None
+        )  # fmt: skip
+        if refusal is not None:
+            plane.metrics.refusals.labels("egress", refusal).inc()
             client.abort()
             return
         plane.pending += 1

@@ -112,7 +112,7 @@ class IngressListener:
         if backend is None or backend.port != target.port:
             self._refuse(leg, wire.Refusal.UNKNOWN_BACKEND, f"{target.backend}:{target.port}")
             return
-        allowed = plane.config.callers_of(target.backend)
+        allowed = plane.callers[target.backend]
         if allowed is not None and caller.group not in allowed:
             self._refuse(leg, wire.Refusal.CALLER_NOT_ALLOWED, target.backend)
             return

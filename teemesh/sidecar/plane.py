@@ -13,7 +13,7 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
@@ -25,7 +25,13 @@ from teemesh.net.relay import IdleSweeper, Leg
 from teemesh.net.tls import KeyPair, tls_context
 from teemesh.sidecar.config import SidecarConfig
 from teemesh.sidecar.metrics import Metrics
-from teemesh.sidecar.routing import Balancer, InstanceTable, revocation_serial, revoked_serials
+from teemesh.sidecar.routing import (
+    ROLE_TAG,
+    Balancer,
+    InstanceTable,
+    revocation_serial,
+    revoked_serials,
+)
 
 log = logging.getLogger("teemesh.sidecar")
 
@@ -40,7 +46,6 @@ class Tunnel:
     legs: tuple[Leg, Leg]
     instance: str | None = None  # egress: the catalog key of the instance it reaches
     role: str | None = None  # egress: the role its route selects
-    opened: float = field(default_factory=time.monotonic)
 
     def abort(self) -> None:
         for leg in self.legs:
@@ -71,6 +76,8 @@ class Plane:
         """Connections accepted but not yet joined (counted against the limit)."""
         self.sweeper = IdleSweeper(config.idle_timeout)
         self.draining = False
+        self.callers = {name: config.callers_of(name) for name in config.backends}
+        """Per local backend, the groups allowed to call it (None: any), worked out once."""
         self.sessions: dict[str, ssl.SSLSession] = {}
         """The last TLS session per instance key, offered again on the next tunnel to it."""
 
@@ -162,7 +169,7 @@ class Plane:
             if tunnel.role is None or tunnel.instance is None:
                 continue
             instance = self.instances.instances.get(tunnel.instance)
-            if instance is None or instance.tags.get("role") != tunnel.role:
+            if instance is None or instance.tags.get(ROLE_TAG) != tunnel.role:
                 cut.append(tunnel)
         if cut:
             self.cut(cut, "role_lost")

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from teemesh.coordinator.catalog_client import CatalogClient
 from teemesh.coordinator.client import Svid
 from teemesh.coordinator.records import Health
 from teemesh.encoding import DNS_LABEL
-from teemesh.errors import InputError, MeshError, Refused
+from teemesh.errors import InputError, MeshError
 from teemesh.identity.ratls import PinnedPeer
 from teemesh.logs import log_event
 from teemesh.platform.agent_client import AgentClient
@@ -26,6 +27,7 @@ from teemesh.sidecar import api
 from teemesh.sidecar.admission import Admission
 from teemesh.sidecar.config import SidecarConfig, hosts_lines
 from teemesh.sidecar.egress import EgressListener
+from teemesh.sidecar.hosts import write_hosts
 from teemesh.sidecar.ingress import IngressListener
 from teemesh.sidecar.metrics import Metrics
 from teemesh.sidecar.plane import Plane
@@ -58,7 +60,9 @@ class Sidecar:
         self.catalog: CatalogClient | None = None
         self.registrar: Registrar | None = None
         self.registrar_task: asyncio.Task[None] | None = None
+        self.api_server: asyncio.Server | None = None
         self.servers: list[asyncio.Server] = []
+        """The mesh listeners: ingress and one per route."""
         self.tasks: list[asyncio.Task[None]] = []
         self.ready = asyncio.Event()
         self._instances_loaded = asyncio.Event()
@@ -76,7 +80,7 @@ class Sidecar:
         """Returns once the sidecar serves: admitted, catalog loaded, listeners open."""
         config = self.config
         host, _, port = config.api.rpartition(":")
-        self.servers.append(await api.serve_api(host, int(port), self.handle_api))
+        self.api_server = await api.serve_api(host, int(port), self.handle_api)
         self._spawn(self.admission.run())
         await self.admission.admitted.wait()
         svid = self.admission.svid
@@ -84,8 +88,17 @@ class Sidecar:
         self.catalog = CatalogClient(
             config.coordinators, self.coordinator_check, (svid.certificate, svid.key)
         )
-        self._spawn(self._watch("revocations/", self._revocations_loaded))
-        self._spawn(self._watch("instances/", self._instances_loaded))
+        plane = self.plane
+        self._spawn(
+            self._watch(
+                "revocations/",
+                plane.load_revocations,
+                plane.revocation_events,
+                self._revocations_loaded,
+            )
+        )
+        self._spawn(self._watch("instances/", plane.load_instances, plane.instance_events,
+                                self._instances_loaded))  # fmt: skip
         await self._revocations_loaded.wait()
         await self._instances_loaded.wait()
         loop = asyncio.get_running_loop()
@@ -108,15 +121,15 @@ class Sidecar:
     def _spawn(self, coro: Any) -> None:
         self.tasks.append(asyncio.get_running_loop().create_task(coro))
 
-    async def _watch(self, prefix: str, loaded: asyncio.Event) -> None:
+    async def _watch(
+        self,
+        prefix: str,
+        load: Callable[[dict[str, Any]], None],
+        apply: Callable[[tuple[dict[str, Any], ...]], None],
+        loaded: asyncio.Event,
+    ) -> None:
         """Keep the plane's view of ``prefix`` current, for ever (across failovers)."""
         assert self.catalog is not None
-        plane = self.plane
-        load, apply = (
-            (plane.load_revocations, plane.revocation_events)
-            if prefix == "revocations/"
-            else (plane.load_instances, plane.instance_events)
-        )
         while True:
             try:
                 async for update in self.catalog.watch(prefix):
@@ -125,7 +138,7 @@ class Sidecar:
                         loaded.set()
                     else:
                         apply(update.events)
-            except (Refused, MeshError) as exc:  # our certificate was refused: await renewal
+            except MeshError as exc:  # our certificate was refused: await renewal
                 log_event(log, "watch_failed", logging.WARNING, prefix=prefix, error=str(exc))
             await asyncio.sleep(WATCH_RETRY)
 
@@ -136,10 +149,11 @@ class Sidecar:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self.registrar_task
             await self.registrar.deregister_all()
-        for server in self.servers[1:]:
+        for server in self.servers:
             server.close()
         await self.plane.drain(self.config.drain_seconds)
-        self.servers[0].close()
+        if self.api_server is not None:
+            self.api_server.close()
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:
@@ -215,29 +229,3 @@ class Sidecar:
             "revoked_serials": len(plane.revoked),
             "time": int(time.time()),
         }
-
-
-HOSTS_BEGIN, HOSTS_END = "# teemesh routes: begin\n", "# teemesh routes: end\n"
-
-
-def write_hosts(path: Path, lines: str) -> None:
-    """Put the route names in ``path``, replacing our previous block and keeping the rest."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        text = ""
-    if HOSTS_BEGIN in text and HOSTS_END in text:
-        head, _, tail = text.partition(HOSTS_BEGIN)
-        tail = tail.partition(HOSTS_END)[2]
-        text = head + tail
-    if text and not text.endswith("\n"):
-        text += "\n"
-    content = f"{text}{HOSTS_BEGIN}{lines}{HOSTS_END}"
-    tmp = path.with_name(f".{path.name}.teemesh")
-    try:
-        tmp.write_text(content)
-        tmp.chmod(0o644)
-        tmp.replace(path)
-    except OSError:  # a bind-mounted file cannot be renamed over: rewrite it in place
-        tmp.unlink(missing_ok=True)
-        path.write_text(content)

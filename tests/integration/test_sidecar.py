@@ -346,20 +346,23 @@ def test_a_client_without_a_mesh_certificate_fails_the_handshake(cluster: Cluste
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
-    with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
+    try:  # TLS 1.3: the server's alert may come at the handshake or at the first read
         reply = tunnel_reply(
             context, cluster["db-0"].ingress_port, b"CONNECT api:1 HTTP/1.1\r\n\r\n"
         )
-        assert reply == b"", reply  # TLS 1.3: the alert may only show on the first read
-        raise ssl.SSLError("closed without a reply")
+    except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
+        reply = b""
+    assert reply == b""  # an accepted client would get at least a refusal head
+    assert cluster["db-0"].metric("teemesh_tls_handshakes_total", side="server",
+                                  result="failed") >= 1  # fmt: skip
 
 
 def test_an_unknown_route_backend_closes_the_client(cluster: Cluster) -> None:
     web = cluster["web-0"]
-    # no instance serves role "nobody": the egress has nowhere to go and closes
-    status, _ = web.post("/v1/backends/nothing", {"role": "x"})
+    status, _ = web.post("/v1/backends/nothing", {"role": "x"})  # not a backend of web-0
     assert status == 404
-    assert refused(web, "pg-replica", cluster.ports.pg)  # no replica is tagged yet
+    # no instance is tagged replica yet: the egress has nowhere to go and closes
+    assert refused(web, "pg-replica", cluster.ports.pg)
     assert web.metric("teemesh_refusals_total", direction="egress", reason="no_instance") >= 1
 
 

@@ -62,8 +62,10 @@ from rich.table import Table
 from teemesh.attest.simulated import PlatformKey
 from teemesh.coordinator.catalog_client import CatalogClient
 from teemesh.errors import MeshError, PeerError
+from teemesh.identity.certs import pem_pair
 from teemesh.identity.meshca import COORDINATOR_USAGE
 from teemesh.net.async_https import AsyncAttestedHttps
+from teemesh.net.attested_https import der_check
 from teemesh.net.sse import SseParser
 
 SERVICE = "web"
@@ -195,7 +197,8 @@ def writer_main(conn: Connection, url: str, platform_pem: bytes) -> None:
     try:
         platform = PlatformKey.from_pem(platform_pem)
         svid = admit(url, platform, "writer-0")
-        client = CatalogClient([url], coordinator_check(platform), (svid.certificate, svid.key))
+        check = der_check(coordinator_check(platform), COORDINATOR_USAGE)
+        client = CatalogClient([url], check, pem_pair(svid.certificate, svid.key))
         conn.send(("ready", None))
         while (job := conn.recv()) is not None:
             count, spacing, level = job
@@ -305,10 +308,8 @@ async def run_level(
     spacing: float,
     coordinator_pid: int,
 ) -> dict[str, Any]:
-    https = AsyncAttestedHttps(
-        url, coordinator_check(platform), usage=COORDINATOR_USAGE, client_cert=watcher_svid,
-        timeout=30,
-    )  # fmt: skip
+    check = der_check(coordinator_check(platform), COORDINATOR_USAGE)
+    https = AsyncAttestedHttps(url, check, client_cert=pem_pair(*watcher_svid), timeout=30)
     watchers = [Watcher() for _ in range(count)]
     progress = Progress(count)
     gate = asyncio.Semaphore(CONNECT_PARALLEL)

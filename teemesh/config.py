@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from teemesh.errors import InputError
 
 MAX_CONFIG_LEN = 4 * 1024 * 1024
-M = TypeVar("M", bound=BaseModel)
+M = TypeVar("M")
 
 
 class ConfigError(InputError):
@@ -31,15 +32,26 @@ class Frozen(BaseModel):
 
 
 def parse_model(model: type[M], data: Any, *, source: str) -> M:
+    """``data`` as a ``model`` (a pydantic model or a frozen dataclass), or every problem."""
     try:
-        return model.model_validate(data)
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            return model.model_validate(data)
+        adapter: TypeAdapter[M] = _adapter(model)  # type: ignore[arg-type]
+        return adapter.validate_python(data)
     except ValidationError as exc:
         raise ConfigError(source, [describe_error(err) for err in exc.errors()]) from exc
+
+
+@functools.cache
+def _adapter(model: type) -> TypeAdapter[Any]:
+    return TypeAdapter(model)
 
 
 def describe_error(err: Any) -> str:
     path = ".".join(str(part) for part in err["loc"]) or "(top level)"
     message = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "unexpected_keyword_argument":  # a dataclass's word for a model's
+        message = "Extra inputs are not permitted"
     return f"{path}: {message}"
 
 

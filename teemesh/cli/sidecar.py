@@ -6,7 +6,6 @@ import http.client
 import json
 import os
 import shutil
-import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -48,7 +47,7 @@ def sidecar() -> None:
     type=click.Path(file_okay=False, path_type=Path),
     default=DEFAULT_STATE,
     show_default=True,
-    help="Folder for the hosts file of route names.",
+    help="Folder for the hosts file of route names and the launch file.",
 )
 @click.option(
     "--hosts-file",
@@ -66,53 +65,36 @@ def run(
     agent_endpoint: str | None,
     collateral: Path | None,
 ) -> None:
-    """Admit this CVM, then serve its routes and backends until SIGTERM (then drain)."""
-    import asyncio  # noqa: PLC0415
+    """Admit this CVM, then serve its routes and backends until SIGTERM (then drain).
+
+    The configuration is checked here; then this process becomes the lean sidecar process
+    (``python -m teemesh.sidecar``), keeping its PID, so signals reach the sidecar itself.
+    """
     import logging  # noqa: PLC0415
 
-    import uvloop  # noqa: PLC0415
-
-    from teemesh.attest.dcap import CollateralStore  # noqa: PLC0415
-    from teemesh.identity.ratls import PinnedPeer  # noqa: PLC0415
-    from teemesh.logs import setup_json_logging  # noqa: PLC0415
-    from teemesh.platform.agent_client import AgentClient  # noqa: PLC0415
     from teemesh.sidecar.config import load_sidecar_config  # noqa: PLC0415
-    from teemesh.sidecar.service import Sidecar  # noqa: PLC0415
+    from teemesh.sidecar.launch import Launch  # noqa: PLC0415
 
     try:
         config = load_sidecar_config(config_path)
-        store = CollateralStore.open(collateral) if collateral else None
+        if collateral:
+            from teemesh.attest.dcap import CollateralStore  # noqa: PLC0415
+
+            CollateralStore.open(collateral)  # refuse a bad path now, not at each admission
         state.mkdir(parents=True, exist_ok=True)
+        launch_file = state.resolve() / "launch.json"
+        hosts = (hosts_file or state / "hosts").resolve()
+        level = getattr(logging, log_level.upper())
+        evidence = str(collateral.resolve()) if collateral else None
+        Launch(config, str(hosts), agent_endpoint, evidence, level).write(launch_file)
     except MeshError as exc:
         fail(exc)
     except OSError as exc:
         fail(f"cannot start the sidecar: {exc}")
-    setup_json_logging(getattr(logging, log_level.upper()))
-    agent = AgentClient(agent_endpoint)
-    check = PinnedPeer(config.coordinator_policy, collateral=store)
-    sidecar_ = Sidecar(config, agent, check, hosts_file=hosts_file or state / "hosts")
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        starting = loop.create_task(sidecar_.start())
-        stopping = loop.create_task(stop.wait())
-        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if starting.done():
-            starting.result()  # a failed start ends the process with its error
-            await stopping
-        else:
-            starting.cancel()
-        await sidecar_.stop()
-
-    try:
-        uvloop.run(main())
-    except OSError as exc:
-        fail(f"sidecar: {exc}")
-    finally:
-        agent.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    command = [sys.executable, "-m", "teemesh.sidecar", str(launch_file)]
+    os.execv(sys.executable, command)  # noqa: S606 (no shell: argv as is)
 
 
 def _call(api: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:

@@ -14,8 +14,6 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography import x509
-
 from teemesh.catalog.store import MAX_KEY_BYTES, StoreError, StoreErrorReason
 from teemesh.coordinator.errors import NotRegistered, lease_gone
 from teemesh.coordinator.records import (
@@ -31,7 +29,7 @@ from teemesh.coordinator.records import (
 from teemesh.coordinator.service import Coordinator
 from teemesh.encoding import DNS_LABEL
 from teemesh.errors import InputError, PeerError, Refused
-from teemesh.identity.meshca import SvidIdentity, read_svid
+from teemesh.identity.svid import SvidIdentity, read_svid
 
 
 class Unauthenticated(PeerError):
@@ -76,7 +74,7 @@ class Catalog:
         if der is None:
             raise Unauthenticated("this API needs a client certificate (the peer's SVID)")
         try:
-            svid = read_svid(x509.load_der_x509_certificate(der), self.coordinator.policy.cluster)
+            svid = read_svid(der, self.coordinator.policy.cluster)
         except PeerError as exc:  # a certificate of the mesh CA, but no SVID of this cluster
             raise Unauthenticated(str(exc)) from exc
         held = await self.coordinator.store.get(admission_key(svid.group, svid.peer_id))

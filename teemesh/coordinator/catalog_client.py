@@ -1,7 +1,8 @@
 """The sidecar's side of the catalog: calls with its SVID, and a watch that never misses a change.
 
-Every coordinator it is given is checked against the pinned coordinator policy on each
-connection. Calls and the watch fail over to the next coordinator when one is unreachable or
+Every coordinator it is given is checked on each connection by ``coordinator_check`` (in the
+sidecar: its certificate must be one the admission helper verified against the coordinator
+policy). Calls and the watch fail over to the next coordinator when one is unreachable or
 answers 503; the watch resumes from the last revision it delivered (``Last-Event-ID``), so the
 caller sees every change exactly once, in order, across failovers. If the history it needs was
 compacted meanwhile, the watch lists again and hands over a fresh snapshot.
@@ -17,16 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from teemesh.coordinator.errors import NotRegistered
-from teemesh.coordinator.records import WATCH_KEEPALIVE
 from teemesh.errors import InputError, PeerError, Refused
-from teemesh.identity.meshca import COORDINATOR_USAGE
 from teemesh.net.async_https import AsyncAttestedHttps
-from teemesh.net.attested_https import ServerCheck
-from teemesh.net.sse import SseParser
+from teemesh.net.sse import WATCH_KEEPALIVE, SseParser
+from teemesh.net.tls import DerCheck, PemPair
 
 RETRY_FIRST, RETRY_MAX = 0.2, 5.0
 
@@ -48,24 +44,23 @@ class CatalogClient:
     def __init__(
         self,
         urls: Sequence[str],
-        coordinator_check: ServerCheck,
-        svid: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
+        coordinator_check: DerCheck,
+        svid: PemPair,
         *,
         timeout: float = 10.0,
     ) -> None:
         if not urls:
             raise InputError("at least one coordinator URL is needed", field="urls")
         self.coordinators = [
-            AsyncAttestedHttps(u, coordinator_check, usage=COORDINATOR_USAGE, client_cert=svid,
-                               timeout=timeout)
+            AsyncAttestedHttps(u, coordinator_check, client_cert=svid, timeout=timeout)
             for u in urls
-        ]  # fmt: skip
+        ]
         self._next = itertools.cycle(range(len(self.coordinators)))
         self._current = next(self._next)
 
-    def use_svid(self, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
+    def use_svid(self, svid: PemPair) -> None:
         for coordinator in self.coordinators:
-            coordinator.use_client_cert(cert, key)
+            coordinator.use_client_cert(svid)
 
     def _rotate(self) -> None:
         self._current = next(self._next)

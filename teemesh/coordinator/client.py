@@ -121,7 +121,8 @@ def _svid(reply: dict[str, Any], key: ec.EllipticCurvePrivateKey, expected: str)
     if cert.public_key() != key.public_key():
         raise PeerError("the coordinator certified another key")
     cluster = expected.removeprefix("spiffe://").split("/")[0]
-    named = read_svid(cert, cluster)  # PeerError if it names no peer of this cluster
+    # PeerError if it names no peer of this cluster
+    named = read_svid(cert.public_bytes(serialization.Encoding.DER), cluster)
     if spiffe_id(named.cluster, named.group, named.peer_id) != expected:
         raise PeerError(f"the coordinator certified another identity than {expected}")
     expires_at, renew_after = reply.get("expires_at"), reply.get("renew_after")

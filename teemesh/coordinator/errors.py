@@ -3,8 +3,12 @@ imports these without the store, the CA or the HTTP stack."""
 
 from __future__ import annotations
 
-from teemesh.attest.policy import Reason, Refusal
+from typing import TYPE_CHECKING
+
 from teemesh.errors import MeshError, Refused
+
+if TYPE_CHECKING:  # the sidecar's data plane imports this module, not the attestation core
+    from teemesh.attest.policy import Reason, Refusal
 
 
 class AdmissionRefused(Refused):
@@ -16,6 +20,8 @@ class AdmissionRefused(Refused):
 
 
 def refuse(code: Reason, message: str) -> AdmissionRefused:
+    from teemesh.attest.policy import Refusal  # noqa: PLC0415
+
     return AdmissionRefused((Refusal(code, message),))
 
 

@@ -33,10 +33,11 @@ from teemesh.coordinator.http_admin import (
 )
 from teemesh.coordinator.http_catalog import add_catalog_routes
 from teemesh.coordinator.http_util import Log, coordinator_of, json_body
-from teemesh.coordinator.records import WATCH_KEEPALIVE, PolicyEpoch
+from teemesh.coordinator.records import PolicyEpoch
 from teemesh.coordinator.service import Coordinator
 from teemesh.errors import InputError, MeshError, Refused
 from teemesh.identity.certs import cert_pem
+from teemesh.net.sse import WATCH_KEEPALIVE
 
 Factory = Callable[[], Awaitable[Coordinator]]
 

@@ -17,10 +17,11 @@ from typing import Annotated, Any
 from fastapi import FastAPI, Request
 from pydantic import StringConstraints
 
+from teemesh.checks import Label
 from teemesh.config import Frozen
 from teemesh.coordinator.errors import NotRegistered
 from teemesh.coordinator.http_util import Log, coordinator_of, json_body
-from teemesh.coordinator.policy import ClusterPolicy, Label
+from teemesh.coordinator.policy import ClusterPolicy
 from teemesh.coordinator.records import parse_request
 from teemesh.coordinator.service import Coordinator
 from teemesh.errors import InputError, MeshError

@@ -24,13 +24,9 @@ from fastapi.responses import StreamingResponse
 from teemesh.catalog.store import Event, EventType, StoreError
 from teemesh.coordinator.catalog import Caller, Catalog, check_readable
 from teemesh.coordinator.http_util import Log, catalog_of, json_body
-from teemesh.coordinator.records import (
-    WATCH_KEEPALIVE,
-    InstanceUpdate,
-    Registration,
-    parse_request,
-)
+from teemesh.coordinator.records import InstanceUpdate, Registration, parse_request
 from teemesh.errors import InputError, MeshError, PeerError, Refused
+from teemesh.net.sse import WATCH_KEEPALIVE
 from teemesh.platform.prpc import PEER_CERT
 
 WATCH_BUFFER = 256

@@ -8,9 +8,9 @@ rule: left out means not checked, an empty list admits nothing.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import Field, model_validator
 
 from teemesh.attest.policy import (
     Hex20,
@@ -21,17 +21,8 @@ from teemesh.attest.policy import (
     check_platform_key,
     with_platform_key,
 )
+from teemesh.checks import Label
 from teemesh.config import ConfigError, Frozen, parse_model, read_yaml
-from teemesh.encoding import DNS_LABEL
-
-
-def _label(value: str) -> str:
-    if not DNS_LABEL.fullmatch(value):
-        raise ValueError(f"{value!r} is not a DNS label (a-z, 0-9 and '-', at most 63)")
-    return value
-
-
-Label = Annotated[str, AfterValidator(_label)]
 
 
 class GroupPolicy(Frozen):

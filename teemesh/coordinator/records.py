@@ -16,22 +16,21 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from pydantic import Field, StringConstraints, ValidationError
 
 from teemesh.attest.dstack import DstackIdentity, KeyProvider
 from teemesh.attest.policy import Claims, Reason, Refusal, check_policy
+from teemesh.checks import Address, Health, Label
 from teemesh.config import Frozen, describe_error
-from teemesh.coordinator.policy import ClusterPolicy, Label
+from teemesh.coordinator.policy import ClusterPolicy
 from teemesh.errors import InputError
 
 ADMISSIONS = "admissions/"
 INSTANCES = "instances/"
 REVOCATIONS = "revocations/"
 POLICY_KEY = "policy/current"
-WATCH_KEEPALIVE = 15.0
-"""Seconds between keepalive lines on an idle watch stream; clients give up after three."""
 SIDECAR_READABLE = (INSTANCES, REVOCATIONS)
 """What an admitted peer may read and watch; nonces, admissions and leases are not its business."""
 
@@ -198,9 +197,7 @@ class PolicyEpoch:
         return cls(doc["epoch"], doc["digest"], policy, doc["published_at"])
 
 
-Health = Literal["passing", "warning", "critical"]
 TagText = Annotated[str, StringConstraints(min_length=1, max_length=256)]
-Address = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9.:\-\[\]]{1,253}$")]
 MAX_TAGS = 32
 
 

@@ -125,6 +125,14 @@ def cert_pem(cert: x509.Certificate) -> str:
     return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 
+KeyPair = tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
+
+
+def pem_pair(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> tuple[str, str]:
+    """A key pair as the TLS-context factory takes it."""
+    return cert_pem(cert), key_pem(key)
+
+
 def key_pem(key: CertificateIssuerPrivateKeyTypes) -> str:
     """PKCS#8 PEM (``BEGIN PRIVATE KEY``), the form dstack's agent returns."""
     return key.private_bytes(

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from teemesh.errors import MeshError, PeerError
 from teemesh.identity.certs import CertSpec, issue
-from teemesh.identity.ratls import OID_APP_ID, extension, extension_bytes, spki_der
+from teemesh.identity.ratls import OID_APP_ID, extension, spki_der
+from teemesh.identity.svid import SvidIdentity, read_svid, spiffe_id
 
 COORDINATOR_USAGE = b"teemesh:coordinator"
 """The RA-TLS usage of a coordinator's server certificate; the mesh CA gives it to no SVID."""
@@ -26,10 +25,7 @@ GET_KEY_PATH = "teemesh/mesh-ca/v1"
 CA_NOT_BEFORE = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
 CA_NOT_AFTER = dt.datetime(2045, 1, 1, tzinfo=dt.UTC)
 CLOCK_SKEW = dt.timedelta(minutes=5)
-
-
-def spiffe_id(cluster: str, group: str, peer_id: str) -> str:
-    return f"spiffe://{cluster}/{group}/{peer_id}"
+__all__ = ["SvidIdentity", "read_svid", "spiffe_id"]  # re-exported: the issuing side's names
 
 
 def mesh_ca_key(secret: bytes) -> ec.EllipticCurvePrivateKey:
@@ -75,41 +71,3 @@ def issue_svid(
         extensions=(extension(OID_APP_ID, app_id),),
     )
     return issue(spec, public_key, ca_key, ca_cert)
-
-
-@dataclass(frozen=True)
-class SvidIdentity:
-    """Who a verified SVID names: its place in the mesh and the certificate's serial."""
-
-    cluster: str
-    group: str
-    peer_id: str
-    serial: int
-    app_id: bytes | None
-
-    @property
-    def peer(self) -> str:
-        return f"{self.group}/{self.peer_id}"
-
-
-def read_svid(cert: x509.Certificate, cluster: str) -> SvidIdentity:
-    """The identity in a certificate already verified as issued by the mesh CA.
-
-    Exactly one URI SAN ``spiffe://<cluster>/<group>/<peer_id>`` of this cluster, or PeerError:
-    the coordinator's own certificate and other CA-issued non-SVIDs name no peer.
-    """
-    try:
-        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
-    except x509.ExtensionNotFound:
-        uris = []
-    parts = uris[0].removeprefix("spiffe://").split("/") if len(uris) == 1 else []
-    if not uris or not uris[0].startswith("spiffe://") or len(parts) != 3:
-        raise PeerError("the client certificate is not an SVID (spiffe://cluster/group/peer)")
-    if parts[0] != cluster:
-        raise PeerError(f"the client certificate is for cluster {parts[0]!r}, not {cluster!r}")
-    try:
-        app_id = extension_bytes(cert, OID_APP_ID)
-    except MeshError as exc:
-        raise PeerError(f"the client certificate's app id: {exc}") from exc
-    return SvidIdentity(parts[0], parts[1], parts[2], cert.serial_number, app_id)

@@ -26,11 +26,13 @@ from teemesh.attest.policy import Policy
 from teemesh.attest.verify import Verdict, verify_evidence
 from teemesh.errors import EvidenceError, InputError, PeerError
 from teemesh.identity.certs import CertSpec, issue, new_p256_key
+from teemesh.identity.der import octet_string
+from teemesh.identity.svid import APP_ID_OID, ARC
 
-_ARC = "1.3.6.1.4.1.62397.1"
+_ARC = ARC
 OID_TDX_QUOTE = x509.ObjectIdentifier(f"{_ARC}.1")
 OID_EVENT_LOG = x509.ObjectIdentifier(f"{_ARC}.2")
-OID_APP_ID = x509.ObjectIdentifier(f"{_ARC}.3")
+OID_APP_ID = x509.ObjectIdentifier(APP_ID_OID)
 OID_CERT_USAGE = x509.ObjectIdentifier(f"{_ARC}.4")
 OID_ATTESTATION = x509.ObjectIdentifier(f"{_ARC}.8")
 OID_APP_INFO = x509.ObjectIdentifier(f"{_ARC}.9")
@@ -59,20 +61,10 @@ def der_octet_string(raw: bytes) -> bytes:
 
 
 def read_der_octet_string(der: bytes, *, field: str) -> bytes:
-    if len(der) < 2 or der[0] != 0x04:
-        raise EvidenceError("not a DER OCTET STRING", field=field)
-    first, offset = der[1], 2
-    if first & 0x80:
-        count = first & 0x7F
-        if count == 0 or count > 4 or len(der) < 2 + count:
-            raise EvidenceError("bad DER length", field=field)
-        size = int.from_bytes(der[2 : 2 + count], "big")
-        offset += count
-    else:
-        size = first
-    if len(der) != offset + size:
-        raise EvidenceError("DER length does not match the value", field=field)
-    return der[offset:]
+    try:
+        return octet_string(der, field=field)
+    except InputError as exc:
+        raise EvidenceError(exc.problem, field=field) from exc
 
 
 def extension(oid: x509.ObjectIdentifier, raw: bytes) -> x509.UnrecognizedExtension:

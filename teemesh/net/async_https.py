@@ -15,18 +15,10 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import h11
-from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from teemesh.encoding import load_json
 from teemesh.errors import InputError, MeshError, PeerError
-from teemesh.net.attested_https import (
-    MAX_REPLY,
-    ServerCheck,
-    check_server,
-    client_context,
-    https_target,
-)
+from teemesh.net.tls import MAX_REPLY, DerCheck, PemPair, https_target, tls_context
 
 READ_CHUNK = 64 * 1024
 CLOSE_TIMEOUT = 1.0
@@ -36,21 +28,19 @@ class AsyncAttestedHttps:
     def __init__(
         self,
         url: str,
-        server_check: ServerCheck,
+        server_check: DerCheck,
         *,
-        usage: bytes | None = None,
-        client_cert: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None,
+        client_cert: PemPair | None = None,
         timeout: float = 10.0,
     ) -> None:
         self.url, self.host, self.port = https_target(url)
         self.server_check = server_check
-        self.usage = usage
         self.timeout = timeout
-        self.context = client_context(client_cert)
+        self.context = tls_context(server=False, identity=client_cert)
 
-    def use_client_cert(self, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
+    def use_client_cert(self, client_cert: PemPair) -> None:
         """Present a renewed certificate on the next connections; open ones keep theirs."""
-        self.context = client_context((cert, key))
+        self.context = tls_context(server=False, identity=client_cert)
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         reader, writer = await asyncio.wait_for(
@@ -59,7 +49,10 @@ class AsyncAttestedHttps:
         )
         try:
             ssl_object: ssl.SSLObject = writer.get_extra_info("ssl_object")
-            check_server(ssl_object.getpeercert(binary_form=True), self.usage, self.server_check)
+            der = ssl_object.getpeercert(binary_form=True)
+            if der is None:
+                raise PeerError("the server sent no certificate")
+            self.server_check(der)
         except BaseException:
             await close(writer)
             raise

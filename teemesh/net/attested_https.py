@@ -13,17 +13,16 @@ import json
 import ssl
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
 from teemesh.encoding import load_json
 from teemesh.errors import InputError, MeshError, PeerError
+from teemesh.identity.certs import KeyPair, pem_pair
 from teemesh.identity.ratls import OID_CERT_USAGE, extension_bytes
-from teemesh.net.tls import KeyPair, tls_context
+from teemesh.net.tls import MAX_REPLY, DerCheck, https_target, tls_context
 
-MAX_REPLY = 1024 * 1024
 ServerCheck = Callable[[x509.Certificate], None]
 """Raises unless the server's certificate proves what the caller requires of it."""
 
@@ -44,6 +43,8 @@ class AttestedHttpsClient:
         self.timeout = timeout
         self.context = client_context(client_cert)
         self.server_cert: x509.Certificate | None = None
+        self.server_der: bytes | None = None
+        """The certificate of the last server that passed the check."""
 
     def post(self, path: str, body: Any) -> tuple[int, Any]:
         """POST JSON; returns the HTTP status and the JSON reply. Failures are PeerErrors."""
@@ -62,6 +63,7 @@ class AttestedHttpsClient:
             assert isinstance(conn.sock, ssl.SSLSocket)
             der = conn.sock.getpeercert(binary_form=True)
             self.server_cert = check_server(der, self.usage, self.server_check)
+            self.server_der = der
             fields = {"Content-Type": "application/json"} if body is not None else {}
             payload = json.dumps(body) if body is not None else None
             conn.request(method, path, payload, fields | (headers or {}))
@@ -81,18 +83,6 @@ class AttestedHttpsClient:
             raise PeerError(f"{where}: HTTP {response.status}: {exc}") from exc
 
 
-def https_target(url: str) -> tuple[str, str, int]:
-    """``https://HOST[:PORT]`` as (the URL without a trailing slash, host, port)."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port or 443
-    except ValueError:
-        parts, port = None, 0
-    if parts is None or parts.scheme != "https" or not parts.hostname:
-        raise InputError(f"expected https://HOST[:PORT], got {url!r}", field="url")
-    return url.rstrip("/"), parts.hostname, port
-
-
 def check_server(
     der: bytes | None, usage: bytes | None, server_check: ServerCheck
 ) -> x509.Certificate:
@@ -108,7 +98,16 @@ def check_server(
 
 def client_context(client_cert: KeyPair | None) -> ssl.SSLContext:
     """A client TLS context whose server check is ours (``check_server``), not the web PKI's."""
-    return tls_context(server=False, identity=client_cert)
+    return tls_context(server=False, identity=pem_pair(*client_cert) if client_cert else None)
+
+
+def der_check(server_check: ServerCheck, usage: bytes | None = None) -> DerCheck:
+    """``server_check`` (and ``usage``) as a check of DER bytes, for the X.509-free clients."""
+
+    def check(der: bytes) -> None:
+        check_server(der, usage, server_check)
+
+    return check
 
 
 def issued_by(ca: x509.Certificate) -> ServerCheck:

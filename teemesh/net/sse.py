@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from teemesh.errors import PeerError
 
 MAX_LINE = 4 * 1024 * 1024
+WATCH_KEEPALIVE = 15.0
+"""Seconds between keepalive lines on an idle watch stream; clients give up after three."""
 
 
 @dataclass(frozen=True)

@@ -1,25 +1,23 @@
 """A sidecar's configuration: who it is, whom it trusts, what it serves and which routes it offers.
 
-One typed, frozen model, read once; every problem is reported together with its path. On dstack
-this file is part of the measured compose, so the routes' ``callers`` (who may call a backend)
-are attested along with the code.
+Frozen dataclasses, so the data plane holds them without pydantic; ``load_sidecar_config`` (run
+by the CLI) validates a file against these very classes and reports every problem with its
+path. On dstack this file is part of the measured compose, so the routes' ``callers`` (who may
+call a backend) are attested along with the code.
 """
 
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, ValidationError, model_validator
-from pydantic_core import InitErrorDetails, PydanticCustomError
+from annotated_types import Ge, Le, MaxLen, MinLen
 
-from teemesh.attest.policy import Policy, with_platform_key
-from teemesh.config import ConfigError, Frozen, parse_model, read_yaml
-from teemesh.coordinator.policy import Label
-from teemesh.coordinator.records import Address
+from teemesh.checks import STRICT, Address, Check, HostPort, Label, Loopback, Port
 from teemesh.errors import InputError
-from teemesh.net.attested_https import https_target
+from teemesh.net.tls import https_target
 
 VIP_NETWORK = ipaddress.ip_network("127.77.0.0/16")
 """Where route VIPs are drawn from when the configuration gives none."""
@@ -34,38 +32,32 @@ def _https(url: str) -> str:
     return url.rstrip("/")
 
 
-def _loopback(vip: str) -> str:
-    if ipaddress.ip_address(vip) not in ipaddress.ip_network("127.0.0.0/8"):
-        raise ValueError(f"{vip} is not a loopback address (127.0.0.0/8)")
-    return vip
+def _http_path(path: str) -> str:
+    if not (path.startswith("/") and all("!" <= c <= "~" for c in path)):
+        raise ValueError(f"expected an HTTP path like /health, got {path!r}")
+    return path
 
 
-def _host_port(value: str) -> str:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
-        raise ValueError(f"expected HOST:PORT, got {value!r}")
-    return value
+HttpsUrl = Annotated[str, Check(_https)]
 
 
-HttpsUrl = Annotated[str, AfterValidator(_https)]
-Vip = Annotated[str, AfterValidator(_loopback)]
-HostPort = Annotated[str, AfterValidator(_host_port)]
-Port = Annotated[int, Field(ge=1, le=65535)]
-
-
-class HealthCheck(Frozen):
+@dataclass(frozen=True)
+class HealthCheck:
     """A TCP connect to the backend, or an HTTP GET of ``http`` expecting 2xx."""
 
-    http: str | None = Field(None, pattern=r"^/[!-~]*$", max_length=1024)
-    interval: float = Field(2.0, ge=0.1, le=300)
-    timeout: float = Field(1.0, ge=0.05, le=60)
-    rise: int = Field(1, ge=1, le=10)
-    fall: int = Field(2, ge=1, le=10)
+    __pydantic_config__ = STRICT
+    http: Annotated[str, MaxLen(1024), Check(_http_path)] | None = None
+    interval: Annotated[float, Ge(0.1), Le(300)] = 2.0
+    timeout: Annotated[float, Ge(0.05), Le(60)] = 1.0
+    rise: Annotated[int, Ge(1), Le(10)] = 1
+    fall: Annotated[int, Ge(1), Le(10)] = 2
 
 
-class Backend(Frozen):
+@dataclass(frozen=True)
+class Backend:
     """A service this CVM serves on ``<host>:<port>``."""
 
+    __pydantic_config__ = STRICT
     port: Port
     host: Address = "127.0.0.1"
     """Where the sidecar reaches it: loopback by default, or a local container's address."""
@@ -74,66 +66,48 @@ class Backend(Frozen):
     its tags and health through the sidecar's local API (Patroni's roles)."""
     health: HealthCheck | None = None
     """Default: a TCP check for platform-owned backends, none for workload-owned ones."""
-    tags: dict[Label, str] = Field(default_factory=dict)
+    tags: dict[Label, str] = field(default_factory=dict)
 
     def health_check(self) -> HealthCheck | None:
         return self.health or (HealthCheck() if self.owner == "platform" else None)
 
 
-class Route(Frozen):
+@dataclass(frozen=True)
+class Route:
     """A name the workload dials: ``<route>:<port>`` reaches an instance of ``backend``."""
 
+    __pydantic_config__ = STRICT
     backend: Label
     port: Port
     role: Label | None = None
     """Only instances tagged ``role=<role>`` (a Patroni master or replica)."""
     callers: tuple[Label, ...] | None = None
     """Groups allowed to call the backend through this route; None: every admitted group."""
-    vip: Vip | None = None
+    vip: Loopback | None = None
 
 
-class SidecarConfig(Frozen):
+@dataclass(frozen=True)
+class SidecarConfig:
+    __pydantic_config__ = STRICT
     cluster: Label
     group: Label
     peer_id: Label
-    coordinators: tuple[HttpsUrl, ...] = Field(min_length=1)
-    coordinator_policy: Policy
-    """What a coordinator's RA-TLS evidence must prove before the sidecar talks to it."""
+    coordinators: Annotated[tuple[HttpsUrl, ...], MinLen(1)]
+    coordinator_policy: dict[str, Any]
+    """What a coordinator's RA-TLS evidence must prove: an attestation policy, checked when
+    the file is loaded; only the admission helper uses it."""
     address: Address
     """Where other CVMs reach this one (registered in the catalog with the ingress port)."""
     ingress: HostPort = "0.0.0.0:7443"
     api: HostPort = "127.0.0.1:7001"
     """The local API: tags and health for workload-owned backends, status, metrics."""
-    backends: dict[Label, Backend] = Field(default_factory=dict)
-    routes: dict[Label, Route] = Field(default_factory=dict)
-    max_connections: int = Field(10000, ge=1, le=1_000_000)
-    idle_timeout: float = Field(3600, ge=1, le=7 * 24 * 3600)
-    connect_timeout: float = Field(3, ge=0.1, le=60)
-    eject_seconds: float = Field(10, ge=0.1, le=3600)
-    drain_seconds: float = Field(10, ge=0, le=3600)
-
-    @model_validator(mode="after")
-    def _listeners_unique(self) -> SidecarConfig:
-        problems: list[InitErrorDetails] = []
-
-        def problem(name: str, message: str) -> None:
-            error = PydanticCustomError("route", "{message}", {"message": message})
-            problems.append(InitErrorDetails(type=error, loc=("routes", name), input=None))
-
-        seen: dict[tuple[str, int], str] = {}
-        vips = route_vips(self.routes)
-        for name, route in self.routes.items():
-            where = (vips[name], route.port)
-            if where in seen:
-                problem(name, f"listens on {where[0]}:{where[1]} like route {seen[where]}")
-            seen.setdefault(where, name)
-            local = self.backends.get(route.backend)
-            if local is not None and local.port != route.port:
-                serves = f"backend {route.backend} serves on {local.port}"
-                problem(name, f"port {route.port} but {serves}")
-        if problems:
-            raise ValidationError.from_exception_data(type(self).__name__, problems)
-        return self
+    backends: dict[Label, Backend] = field(default_factory=dict)
+    routes: dict[Label, Route] = field(default_factory=dict)
+    max_connections: Annotated[int, Ge(1), Le(1_000_000)] = 10000
+    idle_timeout: Annotated[float, Ge(1), Le(7 * 24 * 3600)] = 3600
+    connect_timeout: Annotated[float, Ge(0.1), Le(60)] = 3
+    eject_seconds: Annotated[float, Ge(0.1), Le(3600)] = 10
+    drain_seconds: Annotated[float, Ge(0), Le(3600)] = 10
 
     @property
     def ingress_port(self) -> int:
@@ -148,6 +122,25 @@ class SidecarConfig(Frozen):
         if not routes or any(r.callers is None for r in routes):
             return None
         return frozenset(group for r in routes for group in r.callers or ())
+
+
+def route_problems(config: SidecarConfig) -> list[str]:
+    """What the fields' own checks cannot see: two routes on one listener, a wrong port."""
+    problems: list[str] = []
+    seen: dict[tuple[str, int], str] = {}
+    vips = route_vips(config.routes)
+    for name, route in config.routes.items():
+        where = (vips[name], route.port)
+        if where in seen:
+            problems.append(
+                f"routes.{name}: listens on {where[0]}:{where[1]} like route {seen[where]}"
+            )
+        seen.setdefault(where, name)
+        local = config.backends.get(route.backend)
+        if local is not None and local.port != route.port:
+            serves = f"backend {route.backend} serves on {local.port}"
+            problems.append(f"routes.{name}: port {route.port} but {serves}")
+    return problems
 
 
 def route_vips(routes: dict[str, Route]) -> dict[str, str]:
@@ -173,11 +166,60 @@ def hosts_lines(config: SidecarConfig) -> str:
 
 
 def load_sidecar_config(path: Path) -> SidecarConfig:
-    """Read a sidecar configuration; the coordinator policy's ``platform_key`` may be a path."""
+    """Read and validate a sidecar configuration; ``coordinator_policy.platform_key`` may be a
+    path next to the file (it is read in, so the result stands alone)."""
+    from teemesh.config import ConfigError, read_yaml  # noqa: PLC0415
+
     doc: Any = read_yaml(path)
     if not isinstance(doc, dict):
         raise ConfigError(str(path), ["(top level): expected a mapping"])
+    return parse_sidecar_config(doc, source=str(path), relative_to=path)
+
+
+def parse_sidecar_config(
+    doc: dict[str, Any], *, source: str, relative_to: Path | None = None
+) -> SidecarConfig:
+    """Validate a configuration document: every problem at once, each with its path."""
+    # validation is the CLI's business: the data plane never imports pydantic or the policy
+    from teemesh.attest.policy import Policy, with_platform_key  # noqa: PLC0415
+    from teemesh.config import ConfigError, parse_model  # noqa: PLC0415
+
+    problems: list[str] = []
     policy = doc.get("coordinator_policy")
     if isinstance(policy, dict):
-        doc = {**doc, "coordinator_policy": with_platform_key(policy, path)}
-    return parse_model(SidecarConfig, doc, source=str(path))
+        try:
+            if relative_to is not None:
+                policy = with_platform_key(policy, relative_to)
+            parse_model(Policy, policy, source="coordinator_policy")
+        except ConfigError as exc:
+            problems += [_within("coordinator_policy", p) for p in exc.problems]
+        except InputError as exc:
+            problems.append(f"coordinator_policy.{exc}")
+        doc = {**doc, "coordinator_policy": policy}
+    try:
+        config = parse_model(SidecarConfig, doc, source=source)
+    except ConfigError as exc:
+        raise ConfigError(source, exc.problems + problems) from exc
+    problems += route_problems(config)
+    if problems:
+        raise ConfigError(source, problems)
+    return config
+
+
+def _within(field: str, problem: str) -> str:
+    top = "(top level): "
+    return f"{field}: {problem[len(top) :]}" if problem.startswith(top) else f"{field}.{problem}"
+
+
+def config_from_json(doc: dict[str, Any]) -> SidecarConfig:
+    """Rebuild a configuration ``load_sidecar_config`` validated, from its JSON (``asdict``)."""
+    backends = {
+        name: Backend(**{**b, "health": HealthCheck(**b["health"]) if b.get("health") else None})
+        for name, b in doc["backends"].items()
+    }
+    routes = {
+        name: Route(**{**r, "callers": None if r.get("callers") is None else tuple(r["callers"])})
+        for name, r in doc["routes"].items()
+    }
+    fields = {**doc, "coordinators": tuple(doc["coordinators"])}
+    return SidecarConfig(**{**fields, "backends": backends, "routes": routes})

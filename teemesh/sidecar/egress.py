@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from teemesh.errors import MeshError, PeerError
-from teemesh.identity.meshca import SvidIdentity
+from teemesh.identity.svid import SvidIdentity
 from teemesh.logs import log_event
 from teemesh.net.relay import HELD_LIMIT, TcpLeg, TlsLeg, join
 from teemesh.sidecar import tunnel as wire

@@ -13,7 +13,7 @@ import asyncio
 import logging
 
 from teemesh.errors import MeshError
-from teemesh.identity.meshca import SvidIdentity
+from teemesh.identity.svid import SvidIdentity
 from teemesh.logs import log_event
 from teemesh.net.relay import TcpLeg, TlsLeg, join
 from teemesh.sidecar import tunnel as wire

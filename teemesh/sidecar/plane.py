@@ -16,13 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography import x509
-
 from teemesh.errors import PeerError
-from teemesh.identity.meshca import SvidIdentity, read_svid
+from teemesh.identity.svid import SvidIdentity, read_svid
 from teemesh.logs import log_event
 from teemesh.net.relay import IdleSweeper, Leg
-from teemesh.net.tls import KeyPair, tls_context
+from teemesh.net.tls import PemPair, tls_context
 from teemesh.sidecar.config import SidecarConfig
 from teemesh.sidecar.metrics import Metrics
 from teemesh.sidecar.routing import (
@@ -67,7 +65,6 @@ class Plane:
         self.wall_clock = wall_clock
         self.client_context: ssl.SSLContext | None = None
         self.server_context: ssl.SSLContext | None = None
-        self.ca: x509.Certificate | None = None
         self.instances = InstanceTable()
         self.revoked: set[int] = set()
         self.balancer = Balancer(config.eject_seconds)
@@ -83,22 +80,21 @@ class Plane:
 
     # -- identity ---------------------------------------------------------------------------
 
-    def use_identity(self, identity: KeyPair, ca: x509.Certificate) -> None:
+    def use_identity(self, identity: PemPair, ca: str) -> None:
         """New connections present ``identity`` and trust ``ca``; open ones are left alone."""
         self.client_context = tls_context(server=False, identity=identity, verify=ca)
         self.server_context = tls_context(server=True, identity=identity, verify=ca)
-        self.ca = ca
         self.sessions.clear()  # they belong to the old context (and present the old SVID)
 
     def peer_of(self, der: bytes | None) -> SvidIdentity:
         """The mesh peer a certificate (verified by OpenSSL) names; PeerError if none."""
         if der is None:
             raise PeerError("the peer presented no certificate")
-        cert = x509.load_der_x509_certificate(der)
-        if cert.not_valid_after_utc.timestamp() < self.wall_clock():
+        peer = read_svid(der, self.config.cluster)
+        if peer.not_after < self.wall_clock():
             # OpenSSL checked it at the full handshake; a resumed session may outlive it
-            raise PeerError(f"the peer's certificate {cert.serial_number:x} has expired")
-        return read_svid(cert, self.config.cluster)
+            raise PeerError(f"the peer's certificate {peer.serial:x} has expired")
+        return peer
 
     # -- tunnels ----------------------------------------------------------------------------
 

@@ -13,18 +13,15 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
+from teemesh.checks import Health
 from teemesh.coordinator.catalog_client import CatalogClient
-from teemesh.coordinator.client import Svid
-from teemesh.coordinator.records import Health
 from teemesh.encoding import DNS_LABEL
 from teemesh.errors import InputError, MeshError
-from teemesh.identity.ratls import PinnedPeer
 from teemesh.logs import log_event
-from teemesh.platform.agent_client import AgentClient
 from teemesh.sidecar import api
-from teemesh.sidecar.admission import Admission
+from teemesh.sidecar.admission import Admission, Svid
 from teemesh.sidecar.config import SidecarConfig, hosts_lines
 from teemesh.sidecar.egress import EgressListener
 from teemesh.sidecar.hosts import write_hosts
@@ -35,28 +32,25 @@ from teemesh.sidecar.registration import Registrar
 
 log = logging.getLogger("teemesh.sidecar")
 WATCH_RETRY = 1.0
-HEALTH_VALUES: tuple[Health, ...] = ("passing", "warning", "critical")
+HEALTH_VALUES = get_args(Health)
 
 
 class Sidecar:
     def __init__(
         self,
         config: SidecarConfig,
-        agent: AgentClient,
-        coordinator_check: PinnedPeer,
+        launch: Path,
         *,
         hosts_file: Path | None = None,
     ) -> None:
+        """``launch``: the file the admission helper reads (``teemesh.sidecar.launch``)."""
         self.config = config
         self.metrics = Metrics()
         self.plane = Plane(config, self.metrics)
         self.hosts_file = hosts_file
-        self.coordinator_check = coordinator_check
         self.admission = Admission(
-            config.coordinators, coordinator_check, agent, cluster=config.cluster,
-            group=config.group, peer_id=config.peer_id, metrics=self.metrics,
-            on_svid=self._use_svid,
-        )  # fmt: skip
+            launch, len(config.coordinators), metrics=self.metrics, on_svid=self._use_svid
+        )
         self.catalog: CatalogClient | None = None
         self.registrar: Registrar | None = None
         self.registrar_task: asyncio.Task[None] | None = None
@@ -69,10 +63,9 @@ class Sidecar:
         self._revocations_loaded = asyncio.Event()
 
     def _use_svid(self, svid: Svid) -> None:
-        identity = (svid.certificate, svid.key)
-        self.plane.use_identity(identity, svid.ca_certificate)
+        self.plane.use_identity(svid.identity, svid.ca_certificate)
         if self.catalog is not None:
-            self.catalog.use_svid(*identity)
+            self.catalog.use_svid(svid.identity)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -85,9 +78,7 @@ class Sidecar:
         await self.admission.admitted.wait()
         svid = self.admission.svid
         assert svid is not None
-        self.catalog = CatalogClient(
-            config.coordinators, self.coordinator_check, (svid.certificate, svid.key)
-        )
+        self.catalog = CatalogClient(config.coordinators, self.admission.pins, svid.identity)
         plane = self.plane
         self._spawn(
             self._watch(

@@ -8,6 +8,8 @@ Targets: the tunnel header (``split_head``, ``parse_request``, ``parse_reply``),
 from __future__ import annotations
 
 import copy
+import dataclasses
+import datetime as dt
 import json
 from pathlib import Path
 from typing import Any
@@ -15,13 +17,17 @@ from typing import Any
 import fuzzkit
 import pytest
 import yaml
+from cryptography.hazmat.primitives.serialization import Encoding
 from fuzzkit import input_error_only
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from teemesh.config import ConfigError
 from teemesh.encoding import DNS_LABEL
-from teemesh.errors import InputError
+from teemesh.errors import InputError, PeerError
+from teemesh.identity.certs import new_p256_key
+from teemesh.identity.meshca import issue_svid, mesh_ca_cert, mesh_ca_key
+from teemesh.identity.svid import read_svid
 from teemesh.sidecar.config import SidecarConfig, load_sidecar_config
 from teemesh.sidecar.routing import Instance, InstanceTable
 from teemesh.sidecar.tunnel import (
@@ -39,6 +45,20 @@ from teemesh.sidecar.tunnel import (
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FUZZ_SMALL = settings(FUZZ, max_examples=120)  # slower examples: files, or many values each
+
+
+def _svid_der() -> bytes:
+
+    ca_key = mesh_ca_key(b"\x03" * 32)
+    cert = issue_svid(
+        ca_key, mesh_ca_cert(ca_key, "demo"), new_p256_key().public_key(),
+        spiffe="spiffe://demo/web/web-0", peer_id="web-0", app_id=b"a" * 20,
+        now=dt.datetime.now(dt.UTC), ttl=dt.timedelta(hours=1),
+    )  # fmt: skip
+    return cert.public_bytes(Encoding.DER)
+
+
+SVID_DER = _svid_der()
 
 labels = st.from_regex(DNS_LABEL, fullmatch=True)
 ports = st.integers(1, 65535)
@@ -220,7 +240,7 @@ GOOD: dict[str, Any] = {
     "backends": {"db": {"port": 5432}},
     "routes": {"db": {"backend": "db", "port": 5432, "callers": ["web"]}},
 }
-CONFIG_FIELDS = (*SidecarConfig.model_fields, "extra")
+CONFIG_FIELDS = (*(f.name for f in dataclasses.fields(SidecarConfig)), "extra")
 text = st.text(st.characters(blacklist_characters="/"), max_size=12)
 platform_keys = st.sampled_from([PEM, "platform.pub", "missing.pub", ".", "sub/x", "\x00", ""])
 YAML_SCALARS = (
@@ -278,7 +298,7 @@ def load_text(folder: Path, text: str) -> SidecarConfig | None:
 def test_load_sidecar_config_documents(folder: Path, doc: Any) -> None:
     config = load_text(folder, yaml.safe_dump(doc))
     if config is not None:
-        assert config.coordinator_policy.platform_key in (None, PEM)
+        assert config.coordinator_policy.get("platform_key") in (None, PEM)
         assert len(set(config.vips().items())) == len(config.routes)
 
 
@@ -287,3 +307,14 @@ def test_load_sidecar_config_documents(folder: Path, doc: Any) -> None:
 @example("peer_id: 2001-13-01\n")
 def test_load_sidecar_config_any_text(folder: Path, text: str) -> None:
     load_text(folder, text)
+
+
+@FUZZ
+@given(st.binary(max_size=600), st.integers(0, 599), st.binary(max_size=8))
+def test_svid_reader_on_mangled_certificates(noise: bytes, at: int, patch: bytes) -> None:
+    """Any bytes, or a real SVID with bytes overwritten: an identity or PeerError, nothing else."""
+    for data in (noise, SVID_DER[:at] + patch + SVID_DER[at + len(patch) :]):
+        try:
+            read_svid(data, "demo")
+        except PeerError as exc:
+            assert str(exc)

@@ -15,7 +15,11 @@ from teemesh.attest.dstack import compose_hash
 from teemesh.attest.policy import Policy
 from teemesh.attest.simulated import OsImage, PlatformKey
 from teemesh.coordinator.client import AdmissionClient, Svid
+from teemesh.identity.certs import pem_pair
+from teemesh.identity.meshca import COORDINATOR_USAGE
 from teemesh.identity.ratls import PinnedPeer
+from teemesh.net.attested_https import der_check
+from teemesh.net.tls import DerCheck, PemPair
 from teemesh.platform.agent_client import AgentClient
 
 OS_IMAGE = "dstack-0.5.7-sim"
@@ -33,6 +37,10 @@ def group_yaml(name: str, compose: bytes, *extra: str) -> str:
         *(f"    {line}" for line in extra),
     ]
     return "\n".join(lines) + "\n"
+
+
+def svid_pem(svid: Svid) -> PemPair:
+    return pem_pair(svid.certificate, svid.key)
 
 
 def ready(url: str):
@@ -66,6 +74,11 @@ class Mesh:
     @property
     def url(self) -> str:
         return self.urls[0]
+
+    @property
+    def catalog_check(self) -> DerCheck:
+        """How a test's catalog client trusts coordinators: evidence and usage, per connection."""
+        return der_check(self.pinned, COORDINATOR_USAGE)
 
     @property
     def coordinator(self) -> Proc:

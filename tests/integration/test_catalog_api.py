@@ -13,13 +13,13 @@ from collections.abc import Awaitable, Iterator
 from typing import Any, TypeVar
 
 import pytest
-from meshkit import DB_COMPOSE, WEB_COMPOSE, Mesh, group_yaml
+from meshkit import DB_COMPOSE, WEB_COMPOSE, Mesh, group_yaml, svid_pem
 
 from teemesh.coordinator.catalog_client import CatalogClient
 from teemesh.coordinator.client import AdmissionClient, Svid
 from teemesh.coordinator.errors import AdmissionRefused, NotRegistered
 from teemesh.errors import PeerError, Refused
-from teemesh.identity.certs import new_p256_key
+from teemesh.identity.certs import new_p256_key, pem_pair
 from teemesh.identity.meshca import (
     GET_KEY_PATH,
     issue_svid,
@@ -51,10 +51,11 @@ class World:
 
     def client(self, peer: str) -> CatalogClient:
         svid = self.svids[peer]
-        return CatalogClient(self.mesh.urls, self.mesh.pinned, (svid.certificate, svid.key))
+        return CatalogClient(self.mesh.urls, self.mesh.catalog_check, svid_pem(svid))
 
     def raw(self, cert_and_key: Any = None) -> AsyncAttestedHttps:
-        return AsyncAttestedHttps(self.mesh.url, self.mesh.pinned, client_cert=cert_and_key)
+        identity = pem_pair(*cert_and_key) if cert_and_key else None
+        return AsyncAttestedHttps(self.mesh.url, self.mesh.catalog_check, client_cert=identity)
 
 
 @pytest.fixture(scope="module")

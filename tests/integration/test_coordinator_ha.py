@@ -20,7 +20,7 @@ from typing import TypeVar
 import httpx
 import pytest
 from etcdkit import EtcdServer, etcd_cluster
-from meshkit import DB_COMPOSE, WEB_COMPOSE, Mesh, group_yaml
+from meshkit import DB_COMPOSE, WEB_COMPOSE, Mesh, group_yaml, svid_pem
 from procs import Proc
 
 from teemesh.attest.policy import Reason
@@ -56,7 +56,7 @@ class HA:
         return self.admission(url, agent).admit(CLUSTER, group, peer_id)
 
     def catalog(self, svid: Svid, *urls: str) -> CatalogClient:
-        return CatalogClient(urls, self.mesh.pinned, (svid.certificate, svid.key), timeout=5)
+        return CatalogClient(urls, self.mesh.catalog_check, svid_pem(svid), timeout=5)
 
     def live(self) -> list[str]:
         return [u for u, p in zip(self.urls, self.procs, strict=True) if p.process.poll() is None]

@@ -16,7 +16,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from meshkit import DB_COMPOSE, ROGUE_COMPOSE, WEB_COMPOSE, Mesh, group_yaml
+from meshkit import DB_COMPOSE, ROGUE_COMPOSE, WEB_COMPOSE, Mesh, group_yaml, svid_pem
 from procs import run_teemesh
 
 from teemesh.attest.dstack import compose_hash
@@ -40,7 +40,7 @@ class World:
 
     def catalog(self, peer: str) -> CatalogClient:
         svid = self.svids[peer]
-        return CatalogClient(self.mesh.urls, self.mesh.pinned, (svid.certificate, svid.key))
+        return CatalogClient(self.mesh.urls, self.mesh.catalog_check, svid_pem(svid))
 
     def renew(self, peer: str, group: str) -> Svid:
         return AdmissionClient(self.mesh.url, self.mesh.pinned, self.agents[peer]).admit(

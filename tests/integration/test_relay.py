@@ -22,10 +22,10 @@ from typing import Any, TypeVar
 import pytest
 import uvloop
 
-from teemesh.identity.certs import new_p256_key
+from teemesh.identity.certs import cert_pem, new_p256_key, pem_pair
 from teemesh.identity.meshca import issue_svid, mesh_ca_cert, mesh_ca_key
 from teemesh.net.relay import IdleSweeper, Leg, TcpLeg, TlsLeg, join
-from teemesh.net.tls import KeyPair, tls_context
+from teemesh.net.tls import PemPair, tls_context
 
 pytestmark = pytest.mark.integration
 T = TypeVar("T")
@@ -38,19 +38,20 @@ CA_KEY = mesh_ca_key(b"\x01" * 32)
 CA = mesh_ca_cert(CA_KEY, "demo")
 OTHER_KEY = mesh_ca_key(b"\x02" * 32)
 OTHER_CA = mesh_ca_cert(OTHER_KEY, "demo")  # same cluster name, another key
+CA_PEM = cert_pem(CA)
 
 
-def svid(name: str, ca_key: Any = CA_KEY, ca: Any = CA) -> KeyPair:
+def svid(name: str, ca_key: Any = CA_KEY, ca: Any = CA) -> PemPair:
     key = new_p256_key()
     cert = issue_svid(
         ca_key, ca, key.public_key(), spiffe=f"spiffe://demo/g/{name}", peer_id=name,
         app_id=b"a" * 20, now=dt.datetime.now(dt.UTC), ttl=dt.timedelta(hours=1),
     )  # fmt: skip
-    return cert, key
+    return pem_pair(cert, key)
 
 
-FRONT_CTX = tls_context(server=False, identity=svid("front"), verify=CA)
-BACK_CTX = tls_context(server=True, identity=svid("back"), verify=CA)
+FRONT_CTX = tls_context(server=False, identity=svid("front"), verify=CA_PEM)
+BACK_CTX = tls_context(server=True, identity=svid("back"), verify=CA_PEM)
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
@@ -429,7 +430,7 @@ def test_tls_leg_takes_a_bare_tcp_eof_as_truncation(run: Any) -> None:
 
 
 def test_client_certificate_from_another_ca_fails_the_handshake(run: Any) -> None:
-    stranger = tls_context(server=False, identity=svid("x", OTHER_KEY, OTHER_CA), verify=CA)
+    stranger = tls_context(server=False, identity=svid("x", OTHER_KEY, OTHER_CA), verify=CA_PEM)
 
     async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         raise AssertionError("a refused peer reached the backend")
@@ -452,7 +453,7 @@ def test_client_certificate_from_another_ca_fails_the_handshake(run: Any) -> Non
 
 
 def test_server_certificate_from_another_ca_fails_the_handshake(run: Any) -> None:
-    impostor = tls_context(server=True, identity=svid("y", OTHER_KEY, OTHER_CA), verify=CA)
+    impostor = tls_context(server=True, identity=svid("y", OTHER_KEY, OTHER_CA), verify=CA_PEM)
 
     async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         raise AssertionError("a refused peer reached the backend")
@@ -475,7 +476,7 @@ def test_server_certificate_from_another_ca_fails_the_handshake(run: Any) -> Non
 
 def test_failure_is_reported_once(run: Any) -> None:
     """on_failure runs once per leg, even when the abort it causes ends the connection."""
-    stranger = tls_context(server=False, identity=svid("x", OTHER_KEY, OTHER_CA), verify=CA)
+    stranger = tls_context(server=False, identity=svid("x", OTHER_KEY, OTHER_CA), verify=CA_PEM)
 
     async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         raise AssertionError("unreachable")

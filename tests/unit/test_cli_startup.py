@@ -1,10 +1,10 @@
 """Every teemesh command pays for what the CLI imports at start-up: keep the HTTP stack out.
 
 Only the serving commands need FastAPI, uvicorn and httpx (~0.5 s to import); they import them
-when they run. The sidecar is a long-lived process in every CVM whose idle memory counts, so what
-``teemesh sidecar run`` imports is kept lean too: no HTTP client library (its guest-agent client
-is on ``http.client``), no dcap-qvl until a TDX quote is checked, no secp256k1 or Keccak (only the
-agent and the KMS sign with them), no rich (made on first print), no msgpack, no SQLite.
+when they run. The sidecar is a long-lived process in every CVM whose idle memory counts: the
+process ``teemesh sidecar run`` becomes (``python -m teemesh.sidecar``) loads neither the CLI,
+pydantic, YAML nor the X.509 library (its admission helper, a child process, does), no HTTP
+client library, no quote verifier, no secp256k1 or Keccak, no rich, no msgpack, no SQLite.
 A subprocess gives a clean module table.
 """
 
@@ -23,6 +23,13 @@ NOT_IN_THE_SIDECAR = (
     "pygments",
     "msgpack",
     "sqlite3",
+    "click",
+    "pydantic",
+    "pydantic_core",
+    "yaml",
+    "cryptography",
+    "teemesh.attest",
+    "teemesh.config",
 )
 
 
@@ -39,7 +46,11 @@ def test_importing_the_cli_leaves_the_http_stack_unloaded() -> None:
 
 
 def test_the_sidecar_loads_no_heavy_module_it_does_not_use() -> None:
-    assert _loaded("teemesh.cli, teemesh.sidecar.service", NOT_IN_THE_SIDECAR) == []
+    assert _loaded("teemesh.sidecar.__main__", NOT_IN_THE_SIDECAR) == []
+
+
+def test_the_cli_keeps_the_http_stack_out_of_sidecar_commands() -> None:
+    assert _loaded("teemesh.cli, teemesh.cli.sidecar", HEAVY) == []
 
 
 def test_the_probe_sees_what_is_loaded() -> None:

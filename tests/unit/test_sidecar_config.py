@@ -7,19 +7,21 @@ expects can only come from that change.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from teemesh.config import ConfigError, parse_model
+from teemesh.config import ConfigError
 from teemesh.errors import InputError
 from teemesh.sidecar.config import (
     HealthCheck,
     SidecarConfig,
     hosts_lines,
     load_sidecar_config,
+    parse_sidecar_config,
     route_vips,
 )
 
@@ -35,7 +37,7 @@ BASE: dict[str, Any] = {
 
 
 def config(**changes: Any) -> SidecarConfig:
-    return parse_model(SidecarConfig, {**copy.deepcopy(BASE), **changes}, source="sidecar.yaml")
+    return parse_sidecar_config({**copy.deepcopy(BASE), **changes}, source="sidecar.yaml")
 
 
 def problems(**changes: Any) -> list[str]:
@@ -51,12 +53,12 @@ def test_defaults() -> None:
     assert c.ingress_port == 7443
     assert c.api == "127.0.0.1:7001"
     assert (c.backends, c.routes, c.vips()) == ({}, {}, {})
-    assert c.coordinator_policy.platform_key == PEM
+    assert c.coordinator_policy["platform_key"] == PEM
 
 
 def test_config_is_frozen() -> None:
     c = config()
-    with pytest.raises(ValueError, match="frozen"):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         c.group = "db"  # type: ignore[misc]
 
 
@@ -86,7 +88,7 @@ def test_field_problems_are_all_reported_with_their_paths() -> None:
 
 def test_missing_fields_are_named() -> None:
     with pytest.raises(ConfigError) as info:
-        parse_model(SidecarConfig, {}, source="s")
+        parse_sidecar_config({}, source="s")
     assert sorted(p.partition(": ")[0] for p in info.value.problems) == [
         "address",
         "cluster",
@@ -199,7 +201,12 @@ def test_route_vips_skip_explicit_ones_and_keep_declaration_order() -> None:
     assert route_vips(routes) == expected
     assert route_vips(dict(routes)) == expected  # a pure function: the same again
     # another sidecar reading the same document gets the same VIPs
-    again = config(routes={k: r.model_dump(exclude_none=True) for k, r in routes.items()})
+    again = config(
+        routes={
+            k: {f: v for f, v in dataclasses.asdict(r).items() if v is not None}
+            for k, r in routes.items()
+        }
+    )
     assert again.vips() == expected
 
 
@@ -261,12 +268,12 @@ def test_load_reads_platform_key_relative_to_the_config(tmp_path: Path) -> None:
     (elsewhere / "keys").mkdir()
     (elsewhere / "keys" / "platform.pub").write_text("other")
     c = load_sidecar_config(write(tmp_path, doc))
-    assert c.coordinator_policy.platform_key == PEM
-    assert load_sidecar_config(write(elsewhere, doc)).coordinator_policy.platform_key == "other"
+    assert c.coordinator_policy["platform_key"] == PEM
+    assert load_sidecar_config(write(elsewhere, doc)).coordinator_policy["platform_key"] == "other"
 
 
 def test_load_keeps_an_inline_platform_key(tmp_path: Path) -> None:
-    assert load_sidecar_config(write(tmp_path, BASE)).coordinator_policy.platform_key == PEM
+    assert load_sidecar_config(write(tmp_path, BASE)).coordinator_policy["platform_key"] == PEM
 
 
 def test_load_names_a_missing_platform_key_file(tmp_path: Path) -> None:

@@ -154,8 +154,10 @@ class Admission:
             await asyncio.sleep(pause)
         self._last_vet = time.monotonic()
         reply = await self._helper("--vet-only")
-        if not reply.get("ok"):
-            log_event(log, "vet_failed", logging.WARNING, error=reply.get("error"))
+        if reply.get("ok"):
+            log_event(log, "coordinators_checked", passed=len(self.pins.fingerprints))
+        else:
+            log_event(log, "coordinators_check_failed", logging.WARNING, error=reply.get("error"))
 
     async def _helper(self, *args: str) -> dict[str, Any]:
         """Run the helper; its JSON reply, or a failure naming what went wrong."""

@@ -106,8 +106,11 @@ class Mesh:
         return self.agent(name, COORDINATOR_COMPOSE, "--app-keys", appkeys)
 
     @contextlib.contextmanager
-    def start_coordinator(self, agent: Path, state: str, *extra: str) -> Iterator[Proc]:
-        port = free_port()
+    def start_coordinator(
+        self, agent: Path, state: str, *extra: str, port: int | None = None
+    ) -> Iterator[Proc]:
+        """``port``: to start one again where it was (with a new RA-TLS certificate)."""
+        port = port or free_port()
         url = f"https://127.0.0.1:{port}"
         args = [
             "coordinator", "--policy", str(self.tmp / "cluster.yaml"),

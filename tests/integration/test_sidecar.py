@@ -500,6 +500,23 @@ def test_a_revoked_peer_is_cut_off_within_seconds(tmp_path) -> None:
         assert cluster["db-0"].metric("teemesh_connections_cut_total", reason="revoked") >= 1
 
 
+def test_a_restarted_coordinator_is_checked_again_and_watched(tmp_path) -> None:
+    """A restarted coordinator presents a new RA-TLS certificate, which no sidecar has seen: the
+    sidecar has its admission helper check the evidence, then trusts it and watches again."""
+    with cluster_of(tmp_path, with_ops=False) as cluster:
+        mesh, web = cluster.mesh, cluster["web-0"]
+        port = int(mesh.url.rpartition(":")[2])
+        mesh.coordinator.stop()
+        agent = mesh.tmp / "coordinator-agent.sock"
+        with mesh.start_coordinator(agent, "coordinator", port=port):
+            cluster["db-1"].terminate()  # deregisters through the new coordinator
+            wait_for("web-0 to see db-1 leave", lambda: _route(web, "hello")["instances"]
+                     == ["db-0"], timeout=30)  # fmt: skip
+            assert {digest_call(web, "digest", cluster.ports.digest, b"x")[1]} == {HOSTS["db-0"]}
+            assert web.status()["admission"]["state"] == "admitted"
+            assert '"event":"coordinators_checked","passed":1' in web.proc.output()
+
+
 def test_sigterm_drains_open_tunnels_then_exits(tmp_path) -> None:
     """Also: the connection limit (two here) refuses a third tunnel at once, not later."""
     with cluster_of(tmp_path, db_names=("db-0",), with_ops=False,

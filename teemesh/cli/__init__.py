@@ -11,6 +11,7 @@ from teemesh.cli.attest import attest
 from teemesh.cli.coordinator import coordinator
 from teemesh.cli.kms import kms
 from teemesh.cli.sidecar import sidecar
+from teemesh.cli.spec import import_hcl, plan
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -25,6 +26,8 @@ cli.add_command(kms)
 cli.add_command(coordinator)
 cli.add_command(admin)
 cli.add_command(sidecar)
+cli.add_command(plan)
+cli.add_command(import_hcl)
 
 
 def main() -> None:

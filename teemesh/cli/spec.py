@@ -1,0 +1,126 @@
+"""``teemesh plan`` and ``teemesh import-hcl``: the cluster spec, checked and laid out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from teemesh.cli._output import fail, grid, print_json, read_input, stdout, table
+from teemesh.errors import MeshError
+
+if TYPE_CHECKING:
+    from teemesh.spec import Plan
+
+
+@click.command("plan")
+@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan(spec_path: Path, as_json: bool) -> None:
+    """Check a cluster spec and show its CVMs, addresses, route VIPs and admission policy."""
+    from teemesh.spec import cluster_policy, load_spec, plan_cluster  # noqa: PLC0415
+
+    try:
+        laid_out = plan_cluster(load_spec(spec_path))
+        policy = cluster_policy(laid_out)
+    except MeshError as exc:
+        fail(exc)
+    if as_json:
+        print_json({**laid_out.to_json(), "policy": policy})
+        return
+    _print_plan(laid_out, policy)
+
+
+def _print_plan(laid_out: Plan, policy: dict[str, Any]) -> None:
+    spec = laid_out.spec
+    coordinators = spec.coordinators
+    stdout.print(
+        table(
+            f"cluster {spec.cluster}",
+            [
+                ("tee", spec.tee),
+                ("os image", spec.os_image_name or ", ".join(spec.os_image_hashes or ())),
+                ("network", f"{spec.network} (bridge {laid_out.bridge})"),
+                ("transport", spec.transport),
+                ("coordinators", f"{coordinators.count}, store {coordinators.store}"),
+                ("kms", spec.kms.count),
+                ("gateway", spec.gateway.base_domain if spec.gateway else "none (nothing public)"),
+            ],
+        )
+    )
+    stdout.print()
+    rows = [(c.name, c.role, c.group, c.address) for c in laid_out.cvms]
+    stdout.print(grid("CVMs", ("name / peer id", "role", "group", "address"), rows))
+    stdout.print()
+    routes = [
+        (r.name, f"{r.vip}:{r.port}", f"{r.backend} ({r.group})", r.role,
+         "any group" if r.callers is None else ", ".join(r.callers), "yes" if r.public else "")
+        for r in laid_out.routes
+    ]  # fmt: skip
+    columns = ("route", "vip", "backend (group)", "role", "callers", "public")
+    stdout.print(grid("routes", columns, routes))
+    stdout.print()
+    groups = [
+        (name, rules["compose_hashes"][0][:16] + "...", _ids(rules["peer_ids"]),
+         ", ".join(rules["services"]))
+        for name, rules in policy["groups"].items()
+    ]  # fmt: skip
+    title = f"admission policy (tee {policy['tee']})"
+    stdout.print(grid(title, ("group", "compose hash", "peer ids", "services"), groups))
+    for warning in laid_out.warnings:
+        click.echo(f"warning: {warning}", err=True)
+
+
+def _ids(peer_ids: list[str]) -> str:
+    """``worker-0..4`` for a group's consecutive peer ids."""
+    if len(peer_ids) <= 2:
+        return ", ".join(peer_ids)
+    prefix, _, _ = peer_ids[0].rpartition("-")
+    return f"{prefix}-0..{len(peer_ids) - 1}"
+
+
+@click.command("import-hcl")
+@click.argument("tf_path", metavar="CLUSTER.TF", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the spec here.")
+@click.option(
+    "--tee",
+    type=click.Choice(["simulated", "tdx"]),
+    default="simulated",
+    show_default=True,
+    help="simulated runs the cluster on this machine; tdx needs --os-image-hash.",
+)
+@click.option(
+    "--os-image-hash", "os_image_hashes", multiple=True, help="An accepted OS image (tee tdx)."
+)
+def import_hcl(tf_path: Path, out: Path | None, tee: str, os_image_hashes: tuple[str, ...]) -> None:
+    """Turn the anchor's Terraform (locals { workload_groups = {...} }) into a cluster spec."""
+    import yaml  # noqa: PLC0415
+
+    from teemesh.config import MAX_CONFIG_LEN  # noqa: PLC0415
+    from teemesh.spec import parse_spec  # noqa: PLC0415
+    from teemesh.spec.hcl import import_hcl as convert  # noqa: PLC0415
+
+    folder = (out or Path("spec.yaml")).resolve().parent
+    if not folder.is_dir():
+        fail(f"{folder}: no such folder for the spec")
+    try:
+        text = read_input(str(tf_path), limit=MAX_CONFIG_LEN).decode("utf-8", "replace")
+        doc, notes = convert(
+            text, source=str(tf_path), tee=tee, os_image_hashes=os_image_hashes,
+            relative_to=folder,
+        )  # fmt: skip
+        parse_spec(doc, source=f"{tf_path} (as a spec)", base_dir=folder)
+    except MeshError as exc:
+        fail(exc)
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
+    rendered = yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
+    if out is None:
+        click.echo(rendered, nl=False)
+        return
+    try:
+        out.write_text(rendered)
+    except OSError as exc:
+        fail(f"{out}: {exc.strerror or exc}")
+    click.echo(f"wrote {out}; check it with: teemesh plan {out}", err=True)

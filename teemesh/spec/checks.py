@@ -1,0 +1,148 @@
+"""Plan-time checks: the rules that span fields, each problem as ``path: message``.
+
+A pure function of a well-shaped spec; it returns every problem rather than stopping at the
+first, so one run of ``teemesh plan`` lists all there is to fix.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterator
+
+from teemesh.spec.model import RESERVED_GROUPS, ClusterSpec, Route
+
+MAX_CVMS = 4096
+
+
+def spec_problems(spec: ClusterSpec) -> list[str]:
+    return [
+        *_platform_problems(spec),
+        *_group_problems(spec),
+        *_backend_problems(spec),
+        *_route_problems(spec),
+    ]
+
+
+def spec_warnings(spec: ClusterSpec) -> list[str]:
+    """What is allowed but probably not meant."""
+    warnings: list[str] = []
+    for name, group in spec.workload_groups.items():
+        if group.command is None and group.compose is None:
+            warnings.append(f"workload_groups.{name}: no command and no compose: runs nothing")
+    return warnings
+
+
+def _platform_problems(spec: ClusterSpec) -> Iterator[str]:
+    if spec.coordinators.count > 1 and spec.coordinators.store == "embedded":
+        yield (
+            f"coordinators.count: {spec.coordinators.count} coordinators share a catalog only "
+            "with store: etcd (embedded is one SQLite file)"
+        )
+    if spec.transport == "gateway" and spec.gateway is None:
+        yield "transport: gateway needs a gateway section"
+    if spec.tee == "tdx" and not spec.os_image_hashes:
+        yield "os_image_hashes: tee tdx needs the dstack OS image hashes admission accepts"
+    if spec.tee == "simulated" and spec.os_image_hashes is not None:
+        yield "os_image_hashes: only for tee tdx (a simulated image's hash derives from os_image)"
+    if spec.sidecar.ingress == spec.sidecar.api:
+        yield f"sidecar.api: port {spec.sidecar.api} is also the sidecar's ingress port"
+    cvms = len(spec.cvm_slots())
+    net = ipaddress.IPv4Network(spec.network)
+    hosts = max(net.num_addresses - 2, 0)
+    needed = cvms + 1
+    if cvms > MAX_CVMS:
+        yield f"workload_groups: {cvms} CVMs; at most {MAX_CVMS}"
+    elif needed > hosts:
+        yield (
+            f"network: {net} has {hosts} host addresses; the cluster needs {needed} "
+            f"(the bridge and {needed - 1} CVMs)"
+        )
+
+
+def _group_problems(spec: ClusterSpec) -> Iterator[str]:
+    for name, group in spec.workload_groups.items():
+        where = f"workload_groups.{name}"
+        if name in RESERVED_GROUPS:
+            yield f"{where}: {name} is reserved for the platform's own CVMs"
+        last = f"{name}-{group.replicas - 1}"
+        if len(last) > 63:
+            yield f"{where}.replicas: peer id {last} is longer than a DNS label (63)"
+        for key in group.compose_env:
+            if key.startswith("TEEMESH_") or key == "DSTACK_SIMULATOR_ENDPOINT":
+                yield f"{where}.compose_env.{key}: set by the platform"
+    owners: dict[str, str] = {}
+    for slot in spec.cvm_slots():
+        owner = owners.setdefault(slot.name, slot.group)
+        if owner != slot.group and slot.group not in RESERVED_GROUPS:
+            yield f"workload_groups.{slot.group}: peer id {slot.name} already used by {owner}"
+
+
+def _backend_problems(spec: ClusterSpec) -> Iterator[str]:
+    served_by: dict[str, str] = {}
+    sidecar = {
+        spec.sidecar.ingress: "the sidecar's ingress port",
+        spec.sidecar.api: "the sidecar API",
+    }
+    for name, group in spec.workload_groups.items():
+        ports: dict[int, str] = {}
+        for backend_name, backend in group.backends.items():
+            where = f"workload_groups.{name}.backends.{backend_name}"
+            owner = served_by.setdefault(backend_name, name)
+            if owner != name:
+                yield f"{where}: backend name already used by group {owner}"
+            if backend.port in sidecar:
+                yield f"{where}.port: {backend.port} is {sidecar[backend.port]}"
+            elif backend.port in ports:
+                yield f"{where}.port: {backend.port} already used by backend {ports[backend.port]}"
+            ports.setdefault(backend.port, backend_name)
+
+
+def _route_problems(spec: ClusterSpec) -> Iterator[str]:
+    callers_allowed = set(spec.workload_groups) | ({"gateway"} if spec.gateway else set())
+    cvm_names = {slot.name for slot in spec.cvm_slots()}
+    route_group: dict[str, str] = {}
+    vips: dict[str, str] = {}
+    for name, group in spec.workload_groups.items():
+        for route_name, route in group.routes.items():
+            where = f"workload_groups.{name}.routes.{route_name}"
+            owner = route_group.setdefault(route_name, name)
+            if owner != name:
+                yield f"{where}: route name already used by group {owner}"
+            if route_name in cvm_names:
+                yield f"{where}: route name is also the name of a CVM"
+            yield from _route_backend_problems(spec, name, where, route)
+            unknown = [c for c in route.callers or () if c not in callers_allowed]
+            if unknown:
+                yield f"{where}.callers: no group named {', '.join(unknown)}"
+            if route.callers is not None and len(set(route.callers)) != len(route.callers):
+                yield f"{where}.callers: a group is listed twice"
+            if route.vip is not None:
+                other = vips.setdefault(route.vip, route_name)
+                if other != route_name:
+                    yield f"{where}.vip: {route.vip} already used by route {other}"
+
+
+def _route_backend_problems(
+    spec: ClusterSpec, group: str, where: str, route: Route
+) -> Iterator[str]:
+    """A route is declared by the group that serves it, on its backend's port."""
+    backend = spec.workload_groups[group].backends.get(route.backend)
+    if backend is None:
+        serving = [g for g, body in spec.workload_groups.items() if route.backend in body.backends]
+        yield (
+            f"{where}.backend: {route.backend} is served by group {serving[0]}: declare the "
+            "route there (a route is declared by the group that serves it)"
+            if serving
+            else f"{where}.backend: group {group} has no backend {route.backend}"
+        )
+        return
+    if route.port is not None and route.port != backend.port:
+        yield (
+            f"{where}.port: {route.port} but backend {route.backend} serves on "
+            f"{backend.port} (a route listens on its backend's port)"
+        )
+    if route.role is not None and backend.owner != "workload":
+        yield (
+            f"{where}.role: roles are tags the workload sets, so backend "
+            f"{route.backend} needs owner: workload"
+        )

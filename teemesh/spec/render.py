@@ -1,0 +1,199 @@
+"""Documents derived from a plan: each group's app-compose, the coordinator's admission policy,
+each CVM's sidecar configuration and command environment.
+
+The app-compose is what a group's CVMs are measured by (its sha256 is the compose hash), so the
+admission policy and the platform that boots the CVMs must build it with the same function:
+``group_app_compose``. It holds what decides a group's behaviour and authority (its compose
+file, the names of its env, its local command, its backends and the routes it serves with their
+``callers``) and nothing that differs between replicas or runs (peer ids, addresses, keys), so
+replicas share one hash and adding a replica admits nothing new.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from teemesh.attest.dstack import compose_hash
+from teemesh.attest.simulated import OsImage
+from teemesh.errors import InputError
+from teemesh.spec.model import ClusterSpec
+from teemesh.spec.plan import Cvm, Plan, sidecar_routes
+
+SYSTEM_ROLES = ("coordinator", "kms", "gateway")
+
+
+def app_compose_json(doc: dict[str, Any]) -> bytes:
+    """dstack's normalized form (sorted keys, compact, UTF-8): one byte string per document."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def group_app_compose(spec: ClusterSpec, group: str) -> bytes:
+    """The exact app-compose.json bytes the CVMs of ``group`` are measured by."""
+    g = spec.workload_groups[group]
+    text = spec.compose_text(group)
+    if g.compose is not None and text is None:
+        raise InputError("its compose file was not read (use load_spec)", field=group)
+    mesh = {
+        "cluster": spec.cluster,
+        "group": group,
+        "command": g.argv(),
+        "backends": {n: b.model_dump(mode="json") for n, b in g.backends.items()},
+        "routes": {n: r.model_dump(mode="json", exclude={"vip"}) for n, r in g.routes.items()},
+    }
+    public = any(b.public for b in g.backends.values())
+    return app_compose_json(
+        _dstack_fields(spec, f"{spec.cluster}-{group}", text or "", sorted(g.compose_env))
+        | {"gateway_enabled": public and spec.gateway is not None, "teemesh": mesh}
+    )
+
+
+def system_app_compose(spec: ClusterSpec, role: str) -> bytes:
+    """The app-compose of the platform's own CVMs (``coordinator``, ``kms``, ``gateway``): one
+    app per role, so all replicas of a role share a compose hash (and the coordinators derive
+    the same mesh CA key)."""
+    if role not in SYSTEM_ROLES:
+        raise InputError(f"expected one of {', '.join(SYSTEM_ROLES)}", field="role")
+    mesh: dict[str, Any] = {"cluster": spec.cluster, "role": role}
+    if role == "coordinator":
+        mesh["store"] = spec.coordinators.store
+    doc = _dstack_fields(spec, f"{spec.cluster}-{role}", "", [])
+    if role == "kms":
+        doc["kms_enabled"] = False  # the KMS keeps its own root keys
+    return app_compose_json(doc | {"teemesh": mesh})
+
+
+def _dstack_fields(spec: ClusterSpec, name: str, compose: str, envs: list[str]) -> dict[str, Any]:
+    return {
+        "manifest_version": 2,
+        "name": name,
+        "runner": "docker-compose",
+        "docker_compose_file": compose,
+        "allowed_envs": envs,
+        "kms_enabled": spec.kms.count > 0,
+        "gateway_enabled": False,
+        "public_logs": False,
+        "public_sysinfo": False,
+        "no_instance_id": False,
+    }
+
+
+def os_image_hashes(spec: ClusterSpec) -> list[str]:
+    if spec.tee == "simulated":
+        return [OsImage(spec.os_image_name or "").os_image_hash.hex()]
+    return list(spec.os_image_hashes or ())
+
+
+def cluster_policy(plan: Plan, platform_key: str | None = None) -> dict[str, Any]:
+    """The ``ClusterPolicy`` document the coordinators admit by: per group its compose hash, the
+    OS image, its peer ids (exactly its CVMs' names) and the services it may register.
+
+    ``platform_key`` (PEM text, or a path next to the policy file) pins the simulated platform;
+    a ``tee: simulated`` policy is loadable only with it, so ``plan`` shows the rest."""
+    spec = plan.spec
+    images = os_image_hashes(spec)
+    groups: dict[str, Any] = {}
+    for name, group in spec.workload_groups.items():
+        groups[name] = {
+            "compose_hashes": [compose_hash(group_app_compose(spec, name)).hex()],
+            "os_images": images,
+            "peer_ids": [c.name for c in plan.replicas(name)],
+            "services": list(group.backends),
+        }
+    if spec.gateway is not None:
+        groups["gateway"] = {
+            "compose_hashes": [compose_hash(system_app_compose(spec, "gateway")).hex()],
+            "os_images": images,
+            "peer_ids": [c.name for c in plan.of_role("gateway")],
+            "services": [],
+        }
+    doc: dict[str, Any] = {"cluster": spec.cluster, "tee": spec.tee}
+    if platform_key is not None:
+        doc["platform_key"] = platform_key
+    return doc | {"groups": groups}
+
+
+def coordinator_attest_policy(plan: Plan, platform_key: str | None = None) -> dict[str, Any]:
+    """The attestation policy a sidecar pins its coordinators with (their compose and image)."""
+    doc: dict[str, Any] = {"tee": plan.spec.tee}
+    if platform_key is not None:
+        doc["platform_key"] = platform_key
+    coordinator = system_app_compose(plan.spec, "coordinator")
+    return doc | {
+        "compose_hashes": [compose_hash(coordinator).hex()],
+        "os_images": os_image_hashes(plan.spec),
+    }
+
+
+def sidecar_config(
+    plan: Plan,
+    cvm: Cvm | str,
+    coordinator_urls: list[str],
+    coordinator_policy: dict[str, Any],
+) -> dict[str, Any]:
+    """The sidecar configuration document of a workload (or gateway) CVM.
+
+    Every CVM gets the same routes with the same VIPs; a route's ``callers`` gain ``gateway``
+    when its backend is public and the cluster has a gateway. ``coordinator_urls`` are usually
+    ``plan.coordinator_urls()``, and ``coordinator_policy`` ``coordinator_attest_policy(plan,
+    platform_key)``."""
+    if isinstance(cvm, str):
+        cvm = plan.cvm(cvm)
+    if cvm.role not in ("workload", "gateway"):
+        raise InputError(f"{cvm.name} is a {cvm.role} CVM, which runs no sidecar", field="CVM")
+    spec = plan.spec
+    group = spec.workload_groups[cvm.group] if cvm.role == "workload" else None
+    planned = {r.name: r for r in plan.routes}
+    gateway = spec.gateway is not None
+    routes = {
+        name: {
+            "backend": route.backend,
+            "port": route.port,
+            "role": route.role,
+            "callers": _list(planned[name].callers_with_gateway(gateway)),
+            "vip": planned[name].vip,
+        }
+        for name, route in sidecar_routes(spec).items()
+    }
+    backends = {
+        name: {
+            "port": b.port,
+            "owner": b.owner,
+            "health": b.model_dump(mode="json")["health"],
+        }
+        for name, b in (group.backends.items() if group else ())
+    }
+    return {
+        "cluster": spec.cluster,
+        "group": cvm.group,
+        "peer_id": cvm.name,
+        "coordinators": list(coordinator_urls),
+        "coordinator_policy": dict(coordinator_policy),
+        "address": cvm.address,
+        "ingress": f"0.0.0.0:{spec.sidecar.ingress}",
+        "api": f"127.0.0.1:{spec.sidecar.api}",
+        "backends": backends,
+        "routes": routes,
+    }
+
+
+def command_env(plan: Plan, cvm: Cvm | str) -> dict[str, str]:
+    """What a workload replica's command sees besides the platform's own variables (the agent's
+    ``DSTACK_SIMULATOR_ENDPOINT``, ``PATH``): its identity, its sidecar and ``compose_env``."""
+    if isinstance(cvm, str):
+        cvm = plan.cvm(cvm)
+    if cvm.role != "workload":
+        raise InputError(f"{cvm.name} is a {cvm.role} CVM, which runs no command", field="CVM")
+    group = plan.spec.workload_groups[cvm.group]
+    return dict(group.compose_env) | {
+        "TEEMESH_CLUSTER": plan.cluster,
+        "TEEMESH_GROUP": cvm.group,
+        "TEEMESH_INDEX": str(cvm.index),
+        "TEEMESH_PEER_ID": cvm.name,
+        "TEEMESH_ADDRESS": cvm.address,
+        "TEEMESH_SIDECAR_API": f"http://127.0.0.1:{plan.spec.sidecar.api}",
+    }
+
+
+def _list(values: tuple[str, ...] | None) -> list[str] | None:
+    return None if values is None else list(values)

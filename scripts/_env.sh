@@ -28,7 +28,7 @@ apt_install() {
 }
 
 ensure_venv() {
-  # ensure_venv EXTRAS: create .venv if needed and install teemesh[EXTRAS] into it.
+  # ensure_venv [EXTRAS]: create .venv if needed and install teemesh[EXTRAS] into it.
   command -v "$PY" >/dev/null || apt_install python3
   "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
     || die "teemesh needs Python >= 3.11 ($("$PY" --version 2>&1) found)"
@@ -37,7 +37,7 @@ ensure_venv() {
     step "creating virtualenv $VENV"
     "$PY" -m venv "$VENV"
   fi
-  step "installing teemesh[$1] into .venv"
+  step "installing teemesh${1:+[$1]} into .venv"
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[$1]"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT${1:+[$1]}"
 }

@@ -10,6 +10,7 @@ from teemesh.cli.agent import agent
 from teemesh.cli.attest import attest
 from teemesh.cli.coordinator import coordinator
 from teemesh.cli.kms import kms
+from teemesh.cli.local import COMMANDS as LOCAL_COMMANDS
 from teemesh.cli.sidecar import sidecar
 from teemesh.cli.spec import import_hcl, plan
 
@@ -28,6 +29,8 @@ cli.add_command(admin)
 cli.add_command(sidecar)
 cli.add_command(plan)
 cli.add_command(import_hcl)
+for command in LOCAL_COMMANDS:
+    cli.add_command(command)
 
 
 def main() -> None:

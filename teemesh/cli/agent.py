@@ -79,6 +79,10 @@ def load_or_create_platform_key(path: Path) -> PlatformKey:
 )
 @click.option("--app-id", help="Pin the app id (20 bytes hex; default: compose hash prefix).")
 @click.option(
+    "--instance-id",
+    help="Pin the instance id (20 bytes hex; default: fresh each start): a rebooted CVM keeps it.",
+)
+@click.option(
     "--os-image",
     default="dstack-0.5.7-sim",
     show_default=True,
@@ -112,6 +116,7 @@ def agent(
     app_keys: Path | None,
     app_compose: Path | None,
     app_id: str | None,
+    instance_id: str | None,
     os_image: str,
     kms_urls: tuple[str, ...],
     kms_policy: Path | None,
@@ -139,12 +144,13 @@ def agent(
         compose = app_compose.read_bytes() if app_compose else DEFAULT_COMPOSE
         settings = _compose_settings(compose)
         pinned = parse_hex(app_id, field="--app-id", size=20) if app_id else None
+        instance = parse_hex(instance_id, field="--instance-id", size=20) if instance_id else None
         cvm = SimulatedCvm(
             platform,
             OsImage(os_image),
             compose,
             app_id=pinned,
-            instance_id=b"" if settings.get("no_instance_id") is True else None,
+            instance_id=b"" if settings.get("no_instance_id") is True else instance,
             awaiting_keys=True,
         )
         if kms_urls:

@@ -1,0 +1,283 @@
+"""What ``teemesh up`` starts where: every file and process of a local cluster, from its plan.
+
+Pure: the same plan and state dir give the same launch, which is recorded in the state dir
+(``launch.json``) so ``restart`` starts a CVM again exactly as ``up`` did, and ``status``
+knows the cluster without reading the spec again. Processes start in stages (KMS, the other
+agents, coordinators, then sidecars and commands); each may name what shows it is ready.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict
+
+from teemesh.attest.dstack import compose_hash
+from teemesh.errors import InputError
+from teemesh.spec import (
+    Cvm,
+    Plan,
+    cluster_policy,
+    command_env,
+    coordinator_attest_policy,
+    group_app_compose,
+    os_image_hashes,
+    sidecar_config,
+    system_app_compose,
+)
+
+LAUNCH_FILE = "launch.json"
+STAGE_KMS_AGENT, STAGE_KMS, STAGE_AGENT, STAGE_COORDINATOR, STAGE_WORKLOAD = range(5)
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DEV_GATEWAY_APP_ID = "teemesh-local"
+"""What the local KMS's boot authorization (``--auth-dev``, every boot allowed) names."""
+
+
+class ProcessSpec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str
+    argv: tuple[str, ...]
+    env: dict[str, str] = {}
+    cwd: str | None = None
+    stage: int
+    ready_socket: str | None = None
+    """Ready once this Unix socket exists (removed before each start)."""
+    ready_tcp: str | None = None
+    """Ready once ``HOST:PORT`` accepts a connection from the host."""
+
+
+class CvmLaunch(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str
+    role: str
+    group: str
+    address: str
+    api: str | None = None
+    """The sidecar's local API (``127.0.0.1:PORT`` inside the CVM), for workload CVMs."""
+    processes: tuple[ProcessSpec, ...]
+
+
+class Launch(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    version: Literal[1] = 1
+    cluster: str
+    spec_path: str
+    state_dir: str
+    plan: dict[str, Any]
+    cvms: tuple[CvmLaunch, ...]
+    hosts: dict[str, str]
+    """Route name -> VIP: each CVM's /etc/hosts, besides the CVM names."""
+    instances: dict[str, int]
+    """Route name -> how many CVMs serve it when the whole cluster is up."""
+
+    def cvm(self, name: str) -> CvmLaunch:
+        for cvm in self.cvms:
+            if cvm.name == name:
+                return cvm
+        known = ", ".join(c.name for c in self.cvms)
+        raise InputError(f"cluster {self.cluster} has no CVM {name!r}; its CVMs: {known}")
+
+
+def cvm_dir(state_dir: Path, cvm: str) -> Path:
+    return state_dir / "cvms" / cvm
+
+
+def agent_socket(state_dir: Path, cvm: str) -> Path:
+    return cvm_dir(state_dir, cvm) / "agent.sock"
+
+
+def unsupported(plan: Plan) -> list[str]:
+    """What this platform cannot run yet, said before anything is made."""
+    spec = plan.spec
+    problems = []
+    if spec.tee != "simulated":
+        problems.append(f"tee: the local platform simulates the TEE; got {spec.tee!r}")
+    if spec.coordinators.store != "embedded":
+        problems.append("coordinators.store: the local platform runs the embedded store only")
+    if spec.gateway is not None:
+        problems.append("gateway: the local platform does not run a gateway yet")
+    if spec.kms.count == 0 and spec.coordinators.count > 1:
+        problems.append("kms: several coordinators share their CA key through a KMS; add one")
+    return problems
+
+
+def launch_files(plan: Plan, state_dir: Path, platform_pub: str) -> dict[Path, tuple[bytes, bool]]:
+    """Every file ``up`` writes before starting anything: path -> (bytes, secret)."""
+    spec = plan.spec
+    files: dict[Path, tuple[bytes, bool]] = {
+        state_dir / "cluster-policy.yaml": (_yaml(cluster_policy(plan, platform_pub)), False),
+        state_dir / "kms-policy.yaml": (
+            _yaml({"tee": spec.tee, "platform_key": platform_pub}),
+            False,
+        ),
+        state_dir / "kms-pin.yaml": (_yaml(_kms_pin(plan, platform_pub)), False),
+    }
+    pin = coordinator_attest_policy(plan, platform_pub)
+    for cvm in plan.cvms:
+        folder = cvm_dir(state_dir, cvm.name)
+        files[folder / "app-compose.json"] = (_compose(plan, cvm), False)
+        if cvm.role == "workload":
+            config = sidecar_config(plan, cvm, plan.coordinator_urls(), pin)
+            files[folder / "sidecar.yaml"] = (_yaml(config), True)
+    return files
+
+
+def launch(plan: Plan, state_dir: Path, spec_path: Path, teemesh: str, seed: bytes) -> Launch:
+    """Every CVM's processes, in stages; ``teemesh`` is the command that runs the roles, and
+    ``seed`` (random per ``up``) gives each CVM an instance id it keeps across restarts, as a
+    rebooted CVM does: the coordinator re-admits its peer id only for the same instance."""
+    spec = plan.spec
+    cvms = []
+    for cvm in plan.cvms:
+        processes = [_agent(plan, state_dir, cvm, teemesh, seed)]
+        folder = cvm_dir(state_dir, cvm.name)
+        sock = str(agent_socket(state_dir, cvm.name))
+        api = None
+        if cvm.role == "kms":
+            port = spec.kms.port
+            argv = (
+                teemesh, "kms", "serve", "--listen", f"{cvm.address}:{port}",
+                "--state", str(folder / "kms"), "--agent", sock,
+                "--policy", str(state_dir / "kms-policy.yaml"),
+                "--auth-dev", DEV_GATEWAY_APP_ID, "--name", cvm.address, "--name", cvm.name,
+            )  # fmt: skip
+            processes.append(
+                ProcessSpec(
+                    name="kms", argv=argv, stage=STAGE_KMS, ready_tcp=f"{cvm.address}:{port}"
+                )
+            )
+        elif cvm.role == "coordinator":
+            port = spec.coordinators.port
+            coordinator_argv = (
+                teemesh, "coordinator", "--policy", str(state_dir / "cluster-policy.yaml"),
+                "--listen", f"{cvm.address}:{port}", "--state", str(folder / "coordinator"),
+                "--agent", sock, "--name", cvm.address, "--name", cvm.name,
+            )  # fmt: skip
+            processes.append(
+                ProcessSpec(
+                    name="coordinator",
+                    argv=coordinator_argv,
+                    stage=STAGE_COORDINATOR,
+                    ready_tcp=f"{cvm.address}:{port}",
+                )
+            )
+        elif cvm.role == "workload":
+            api = f"127.0.0.1:{spec.sidecar.api}"
+            processes += _workload(plan, state_dir, cvm, teemesh, spec_path)
+        cvms.append(
+            CvmLaunch(
+                name=cvm.name,
+                role=cvm.role,
+                group=cvm.group,
+                address=cvm.address,
+                api=api,
+                processes=tuple(processes),
+            )
+        )
+    return Launch(
+        cluster=plan.cluster,
+        spec_path=str(spec_path),
+        state_dir=str(state_dir),
+        plan=plan.to_json(),
+        cvms=tuple(cvms),
+        hosts={r.name: r.vip for r in plan.routes},
+        instances={r.name: len(plan.replicas(r.group)) for r in plan.routes},
+    )
+
+
+def _agent(plan: Plan, state_dir: Path, cvm: Cvm, teemesh: str, seed: bytes) -> ProcessSpec:
+    folder = cvm_dir(state_dir, cvm.name)
+    sock = str(agent_socket(state_dir, cvm.name))
+    argv = [
+        teemesh, "agent", "--socket", sock, "--state", str(folder / "agent"),
+        "--platform-key", str(state_dir / "platform.key"),
+        "--app-compose", str(folder / "app-compose.json"),
+        "--os-image", plan.spec.os_image_name or "",
+        "--instance-id", hashlib.sha256(seed + cvm.name.encode()).hexdigest()[:40],
+    ]  # fmt: skip
+    if cvm.role != "kms" and plan.kms_urls():
+        for url in plan.kms_urls():
+            argv += ["--kms-url", url]
+        argv += ["--kms-policy", str(state_dir / "kms-pin.yaml")]
+    stage = STAGE_KMS_AGENT if cvm.role == "kms" else STAGE_AGENT
+    return ProcessSpec(name="agent", argv=tuple(argv), stage=stage, ready_socket=sock)
+
+
+def _workload(
+    plan: Plan, state_dir: Path, cvm: Cvm, teemesh: str, spec_path: Path
+) -> list[ProcessSpec]:
+    folder = cvm_dir(state_dir, cvm.name)
+    sock = str(agent_socket(state_dir, cvm.name))
+    sidecar = (
+        teemesh, "sidecar", "run", "--config", str(folder / "sidecar.yaml"), "--agent", sock,
+        "--state", str(folder / "sidecar"), "--hosts-file", str(folder / "sidecar" / "hosts"),
+    )  # fmt: skip
+    bin_dir = str(Path(teemesh).parent)
+    env = command_env(plan, cvm) | {
+        "DSTACK_SIMULATOR_ENDPOINT": sock,
+        "PATH": f"{bin_dir}:{SYSTEM_PATH}",  # `python` is the one teemesh runs on
+    }
+    processes = [ProcessSpec(name="sidecar", argv=sidecar, stage=STAGE_WORKLOAD)]
+    argv = plan.spec.workload_groups[cvm.group].argv()
+    if argv:  # a group may have only a compose file, for dstack: nothing to run here
+        processes.append(
+            ProcessSpec(
+                name="app",
+                argv=tuple(argv),
+                env=env,
+                cwd=str(spec_path.parent),
+                stage=STAGE_WORKLOAD,
+            )
+        )
+    return processes
+
+
+def _compose(plan: Plan, cvm: Cvm) -> bytes:
+    if cvm.role == "workload":
+        return group_app_compose(plan.spec, cvm.group)
+    return system_app_compose(plan.spec, cvm.role)
+
+
+def _kms_pin(plan: Plan, platform_pub: str) -> dict[str, Any]:
+    """Which KMS an agent takes its app keys from: this cluster's, by its compose hash."""
+    kms = compose_hash(system_app_compose(plan.spec, "kms")).hex()
+    return {
+        "tee": plan.spec.tee,
+        "platform_key": platform_pub,
+        "compose_hashes": [kms],
+        "os_images": os_image_hashes(plan.spec),
+    }
+
+
+def _yaml(doc: dict[str, Any]) -> bytes:
+    return yaml.safe_dump(doc, sort_keys=False).encode()
+
+
+# -- readiness: from each sidecar's /v1/status -------------------------------------------------
+
+
+def not_ready(launch: Launch, cvm: str, status: dict[str, Any] | None, error: str) -> str | None:
+    """Why a workload CVM is not ready yet (admitted, backends passing, every route seeing all
+    its instances), or None when it is. ``status`` None: the API did not answer (``error``)."""
+    if status is None:
+        return f"its sidecar API does not answer ({error})"
+    admission = status.get("admission") or {}
+    state = admission.get("state")
+    if state not in ("admitted", "renewing"):
+        why = admission.get("last_error") or "no error yet"
+        return f"not admitted: {state} ({why})"
+    for backend in status.get("backends") or ():
+        if backend.get("health") != "passing" or not backend.get("registered"):
+            return (
+                f"backend {backend.get('name')} is {backend.get('health')}"
+                f"{'' if backend.get('registered') else ', not registered yet'}"
+            )
+    for route in status.get("routes") or ():
+        want = launch.instances.get(route.get("name", ""), 0)
+        got = len(route.get("instances") or ())
+        if got < want:
+            return f"route {route.get('name')} sees {got} of {want} instances"
+    return None

@@ -1,0 +1,290 @@
+"""The local platform end to end, driven like a user: ``teemesh up`` the starter mesh in real
+network namespaces, call it by route name from inside its CVMs, break it, and ``down`` it.
+
+Needs root. The starter comes up once for the module (its ``down`` always runs); tests run in
+file order, and each one that breaks something restores it. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+STARTER = ROOT / "examples" / "starter" / "cluster.yaml"
+TEEMESH = str(Path(sys.executable).parent / "teemesh")
+WORKERS = [f"worker-{i}" for i in range(5)]
+CALLS = """
+import collections, json, sys, urllib.request
+url, n = sys.argv[1], int(sys.argv[2])
+counts, errors = collections.Counter(), collections.Counter()
+for _ in range(n):
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            counts[json.loads(reply.read()).get("peer_id")] += 1
+    except Exception as exc:
+        errors[type(exc).__name__] += 1
+print(json.dumps({"counts": counts, "errors": errors}))
+"""
+FETCH = """
+import sys, urllib.request
+with urllib.request.urlopen(sys.argv[1], timeout=5) as reply:
+    sys.stdout.write(reply.read().decode())
+"""
+
+
+def teemesh(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [TEEMESH, *map(str, args)], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def namespaces() -> set[str]:
+    out = subprocess.run(["ip", "-j", "netns", "list"], capture_output=True, text=True, check=True)
+    return {n["name"] for n in json.loads(out.stdout or "[]")}
+
+
+def links() -> set[str]:
+    out = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True, check=True)
+    return {link["ifname"] for link in json.loads(out.stdout or "[]")}
+
+
+@pytest.fixture(scope="module")
+def state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    if os.geteuid() != 0:
+        pytest.fail("the e2e tests make network namespaces: run them as root")
+    state = tmp_path_factory.mktemp("starter") / "state"
+    try:
+        result = teemesh("up", STARTER, "--state", state, timeout=150)
+        assert result.returncode == 0, result.stdout + result.stderr
+        yield state
+    finally:
+        teemesh("down", "--state", state)
+
+
+def fetch(state: Path, cvm: str, url: str) -> subprocess.CompletedProcess[str]:
+    return teemesh("exec", cvm, "--state", state, "--", sys.executable, "-c", FETCH, url)
+
+
+def calls(state: Path, cvm: str, url: str, n: int = 20) -> dict[str, Any]:
+    """``n`` calls of ``url`` from inside ``cvm``: answers per peer id, errors per kind."""
+    result = teemesh("exec", cvm, "--state", state, "--", sys.executable, "-c", CALLS, url, n)
+    assert result.returncode == 0, result.stderr
+    doc: dict[str, Any] = json.loads(result.stdout)
+    return doc
+
+
+def wait_ready(state: Path, timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        doc = json.loads(teemesh("status", "--state", state, "--json").stdout)
+        if all(c.get("ready", True) for c in doc["cvms"]):
+            return doc
+        if time.monotonic() > deadline:
+            pytest.fail(f"cluster not ready again: {doc}")
+        time.sleep(0.5)
+
+
+def test_status_shows_every_cvm_admitted_and_healthy(state: Path) -> None:
+    doc = json.loads(teemesh("status", "--state", state, "--json").stdout)
+    names = [c["name"] for c in doc["cvms"]]
+    assert names == ["kms-0", "coordinator-0", "api-0", "api-1", *WORKERS]
+    for cvm in doc["cvms"]:
+        assert set(cvm["processes"].values()) == {"running"}, cvm
+        if cvm["role"] == "workload":
+            admission = cvm["sidecar"]["admission"]
+            assert admission["state"] == "admitted"
+            assert admission["expires_at"] > time.time()
+            assert [b["health"] for b in cvm["sidecar"]["backends"]] == ["passing"]
+    table = teemesh("status", "--state", state)
+    assert table.returncode == 0 and "worker-4" in table.stdout
+
+
+def test_a_route_name_resolves_and_calls_across_cvms(state: Path) -> None:
+    result = fetch(state, "api-0", "http://worker:9090/hello")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["group"] == "worker"
+    through_api = json.loads(fetch(state, "api-1", "http://api:8080/worker").stdout)
+    assert through_api["from"] in ("api-0", "api-1")
+    assert through_api["worker"]["peer_id"] in WORKERS
+
+
+def test_answers_come_from_several_workers(state: Path) -> None:
+    doc = json.loads(fetch(state, "api-0", "http://api:8080/all?route=worker&n=25").stdout)
+    assert doc["errors"] == {}
+    assert len(doc["counts"]) >= 3, doc
+
+
+def test_a_caller_not_in_callers_is_refused(state: Path) -> None:
+    assert fetch(state, "worker-0", "http://api:8080/hello").returncode == 0  # api: any caller
+    refused = fetch(state, "worker-0", "http://worker:9090/hello")  # worker: api only
+    assert refused.returncode != 0, refused.stdout
+
+
+def test_an_exit_code_passes_through_exec(state: Path) -> None:
+    assert teemesh("exec", "api-0", "--state", state, "--", "sh", "-c", "exit 7").returncode == 7
+
+
+def test_a_partition_breaks_calls_and_heal_restores_them(state: Path) -> None:
+    cut = WORKERS[:4]
+    for worker in cut:
+        assert teemesh("partition", "api-0", worker, "--state", state).returncode == 0
+    try:
+        doc = calls(state, "api-0", "http://worker:9090/hello", 20)
+        assert set(doc["counts"]) <= {"worker-4"}, doc
+        assert doc["counts"].get("worker-4", 0) >= 15, doc
+        assert calls(state, "api-1", "http://worker:9090/hello", 20)["counts"].keys() - {
+            "worker-4"
+        }, "api-1 is not cut off from the others"
+    finally:
+        assert teemesh("heal", "--state", state).returncode == 0
+    deadline = time.monotonic() + 20
+    while len((doc := calls(state, "api-0", "http://worker:9090/hello", 20))["counts"]) < 3:
+        assert time.monotonic() < deadline, f"heal did not restore the calls: {doc}"
+        time.sleep(1)
+
+
+def test_a_killed_worker_is_routed_around_and_restart_brings_it_back(state: Path) -> None:
+    assert teemesh("kill", "worker-0", "--state", state).returncode == 0
+    doc = json.loads(teemesh("status", "--state", state, "--json").stdout)
+    worker = next(c for c in doc["cvms"] if c["name"] == "worker-0")
+    assert worker["processes"] == {} and worker["sidecar"] is None
+    doc = calls(state, "api-0", "http://worker:9090/hello", 20)
+    assert "worker-0" not in doc["counts"] and sum(doc["counts"].values()) >= 19, doc
+    restarted = teemesh("restart", "worker-0", "--state", state, timeout=60)
+    assert restarted.returncode == 0, restarted.stderr
+    wait_ready(state)
+    assert fetch(state, "worker-0", "http://api:8080/hello").returncode == 0
+
+
+def test_pause_and_resume(state: Path) -> None:
+    assert teemesh("pause", "worker-1", "--state", state).returncode == 0
+    try:
+        doc = json.loads(teemesh("status", "--state", state, "--json").stdout)
+        worker = next(c for c in doc["cvms"] if c["name"] == "worker-1")
+        assert set(worker["processes"].values()) == {"paused"}
+    finally:
+        assert teemesh("resume", "worker-1", "--state", state).returncode == 0
+
+
+def test_logs_of_a_cvm(state: Path) -> None:
+    result = teemesh("logs", "coordinator-0", "--process", "coordinator", "--state", state)
+    assert result.returncode == 0 and "coordinator" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["kill", "worker-9"], ["exec", "nope-0", "--", "true"], ["partition", "api-0", "db-1"]],
+)
+def test_an_unknown_cvm_lists_the_valid_names(state: Path, args: list[str]) -> None:
+    result = teemesh(args[0], "--state", state, *args[1:])
+    assert result.returncode == 2
+    assert "api-0" in result.stderr and "worker-4" in result.stderr and "kms-0" in result.stderr
+
+
+def test_down_leaves_nothing_and_is_safe_twice(state: Path) -> None:
+    network = json.loads((state / "network.json").read_text())
+    pids = [p["pid"] for p in network["processes"]]
+    assert teemesh("down", "--state", state).returncode == 0
+    assert not {c["netns"] for c in network["cvms"]} & namespaces()
+    assert not ({c["veth"] for c in network["cvms"]} | {network["bridge"]}) & links()
+    assert not [c["etc_dir"] for c in network["cvms"] if Path(c["etc_dir"]).exists()]
+    alive = [pid for pid in pids if Path(f"/proc/{pid}").exists() and _not_zombie(pid)]
+    assert alive == []
+    again = teemesh("down", "--state", state)
+    assert again.returncode == 0 and "nothing" in again.stderr
+
+
+def _not_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] not in "ZX"
+
+
+# -- specs that `up` refuses before making anything -------------------------------------------
+
+BASE = """
+cluster: broken
+tee: simulated
+network: 10.78.0.0/24
+workload_groups:
+  api:
+    replicas: 1
+    command: python -m teemesh.examples.starter --port 8080
+    backends: {api: {port: 8080}}
+    routes: {api: {backend: api}}
+"""
+BROKEN = {
+    "zero replicas": (BASE.replace("replicas: 1", "replicas: 0"), "replicas"),
+    "missing backend": (
+        BASE.replace("{backend: api}", "{backend: nope}"),
+        "workload_groups.api.routes.api",
+    ),
+    "unknown field": (BASE + "colour: blue\n", "colour"),
+    "duplicate route": (
+        BASE
+        + "  worker:\n    command: sleep 1\n    backends: {w: {port: 9090}}\n"
+        + "    routes: {api: {backend: w}}\n",
+        "route name",
+    ),
+    "gateway": (BASE + "gateway: {base_domain: example.com}\n", "gateway"),
+    "not a mapping": ("- a list\n", "expected a mapping"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_a_broken_spec_is_refused_before_anything_is_made(tmp_path: Path, case: str) -> None:
+    text, expected = BROKEN[case]
+    spec = tmp_path / "cluster.yaml"
+    spec.write_text(text)
+    before = namespaces()
+    result = teemesh("up", spec, "--state", tmp_path / "state")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert expected in result.stderr, result.stderr
+    assert not (tmp_path / "state" / "network.json").exists()
+    assert namespaces() == before
+
+
+def test_without_privileges_up_says_so_and_makes_nothing(tmp_path: Path) -> None:
+    os.chmod(tmp_path, 0o777)  # nobody may look for its state dir
+    before = namespaces()
+    result = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", TEEMESH, "up",
+         str(STARTER), "--state", str(tmp_path / "state")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "CAP_NET_ADMIN" in result.stderr and "root" in result.stderr, result.stderr
+    assert not (tmp_path / "state").exists()
+    assert namespaces() == before
+
+
+def test_a_cvm_that_never_gets_healthy_is_named_and_left_up(tmp_path: Path) -> None:
+    spec = tmp_path / "cluster.yaml"
+    spec.write_text(
+        BASE.replace("broken", "unhealthy")
+        .replace("10.78.0.0/24", "10.79.0.0/24")
+        .replace("python -m teemesh.examples.starter --port 8080", "sleep 600")
+        .replace("{port: 8080}", "{port: 8080, health: {http: /hello}}")
+    )
+    state = tmp_path / "state"
+    try:
+        result = teemesh("up", spec, "--state", state, "--timeout", "8", timeout=120)
+        assert result.returncode == 3, result.stderr
+        assert "api-0: backend api is" in result.stderr, result.stderr
+        assert (state / "network.json").exists()  # left up for inspection
+    finally:
+        assert teemesh("down", "--state", state).returncode == 0
+    assert not (state / "network.json").exists()

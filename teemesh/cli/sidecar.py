@@ -47,7 +47,7 @@ def sidecar() -> None:
     type=click.Path(file_okay=False, path_type=Path),
     default=DEFAULT_STATE,
     show_default=True,
-    help="Folder for the hosts file of route names and the launch file.",
+    help="Folder for the hosts file of route names and the run file (sidecar-run.json).",
 )
 @click.option(
     "--hosts-file",
@@ -82,7 +82,7 @@ def run(
 
             CollateralStore.open(collateral)  # refuse a bad path now, not at each admission
         state.mkdir(parents=True, exist_ok=True)
-        launch_file = state.resolve() / "launch.json"
+        launch_file = state.resolve() / "sidecar-run.json"
         hosts = (hosts_file or state / "hosts").resolve()
         level = getattr(logging, log_level.upper())
         evidence = str(collateral.resolve()) if collateral else None

@@ -21,7 +21,8 @@ from teemesh.coordinator.admission import admission_report_data
 from teemesh.coordinator.errors import AdmissionRefused
 from teemesh.errors import InputError, PeerError
 from teemesh.identity.certs import load_cert_pem, new_p256_key
-from teemesh.identity.meshca import COORDINATOR_USAGE, read_svid, spiffe_id
+from teemesh.identity.meshca import COORDINATOR_USAGE
+from teemesh.identity.svid import read_svid, spiffe_id
 from teemesh.net.attested_https import AttestedHttpsClient, ServerCheck
 from teemesh.platform.agent_client import AgentClient
 

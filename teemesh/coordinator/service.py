@@ -45,7 +45,8 @@ from teemesh.coordinator.records import (
 )
 from teemesh.errors import InputError
 from teemesh.identity.certs import cert_pem
-from teemesh.identity.meshca import issue_svid, spiffe_id
+from teemesh.identity.meshca import issue_svid
+from teemesh.identity.svid import spiffe_id
 
 REVOCATION_SLACK = 300
 """Seconds a revocation outlives its certificate in the store, for clocks that disagree."""

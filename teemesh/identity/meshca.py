@@ -16,7 +16,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from teemesh.identity.certs import CertSpec, issue
 from teemesh.identity.ratls import OID_APP_ID, extension, spki_der
-from teemesh.identity.svid import SvidIdentity, read_svid, spiffe_id
 
 COORDINATOR_USAGE = b"teemesh:coordinator"
 """The RA-TLS usage of a coordinator's server certificate; the mesh CA gives it to no SVID."""
@@ -25,7 +24,6 @@ GET_KEY_PATH = "teemesh/mesh-ca/v1"
 CA_NOT_BEFORE = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
 CA_NOT_AFTER = dt.datetime(2045, 1, 1, tzinfo=dt.UTC)
 CLOCK_SKEW = dt.timedelta(minutes=5)
-__all__ = ["SvidIdentity", "read_svid", "spiffe_id"]  # re-exported: the issuing side's names
 
 
 def mesh_ca_key(secret: bytes) -> ec.EllipticCurvePrivateKey:

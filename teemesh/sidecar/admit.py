@@ -34,8 +34,10 @@ from teemesh.sidecar.launch import Launch
 log = logging.getLogger("teemesh.sidecar.admission")
 
 
-def fingerprint(der: bytes) -> str:
-    return hashlib.sha256(der).hexdigest()
+def fingerprint(client: AdmissionClient) -> str:
+    """The certificate fingerprint of the coordinator ``client`` last checked and used."""
+    assert client.https.server_der is not None
+    return hashlib.sha256(client.https.server_der).hexdigest()
 
 
 def vet(clients: list[AdmissionClient]) -> dict[str, str]:
@@ -48,7 +50,7 @@ def vet(clients: list[AdmissionClient]) -> dict[str, str]:
             log_event(log, "coordinator_not_vetted", logging.WARNING, url=client.https.url,
                       error=str(exc))  # fmt: skip
             return client.https.url, None
-        return client.https.url, fingerprint(client.https.server_der or b"")
+        return client.https.url, fingerprint(client)
 
     with ThreadPoolExecutor(max_workers=len(clients)) as pool:
         return {url: fp for url, fp in pool.map(one, clients) if fp is not None}
@@ -75,7 +77,7 @@ def admit(launch: Launch, *, first: int, vet_only: bool) -> dict[str, Any]:
             except MeshError as exc:
                 errors.append(f"{client.https.url}: {exc}")
                 continue
-            pins[client.https.url] = fingerprint(client.https.server_der or b"")
+            pins[client.https.url] = fingerprint(client)
             certificate, key = pem_pair(svid.certificate, svid.key)
             return {
                 "ok": True,

@@ -193,8 +193,6 @@ def parse_sidecar_config(
             parse_model(Policy, policy, source="coordinator_policy")
         except ConfigError as exc:
             problems += [_within("coordinator_policy", p) for p in exc.problems]
-        except InputError as exc:
-            problems.append(f"coordinator_policy.{exc}")
         doc = {**doc, "coordinator_policy": policy}
     try:
         config = parse_model(SidecarConfig, doc, source=source)

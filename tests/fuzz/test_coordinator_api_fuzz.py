@@ -47,7 +47,8 @@ from teemesh.coordinator.policy import ClusterPolicy
 from teemesh.coordinator.records import admission_key
 from teemesh.coordinator.service import Coordinator
 from teemesh.identity.certs import new_p256_key
-from teemesh.identity.meshca import issue_svid, mesh_ca_cert, mesh_ca_key, spiffe_id
+from teemesh.identity.meshca import issue_svid, mesh_ca_cert, mesh_ca_key
+from teemesh.identity.svid import spiffe_id
 from teemesh.net.sse import SseParser
 from teemesh.platform.prpc import MAX_BODY, PEER_CERT
 

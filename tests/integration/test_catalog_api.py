@@ -25,8 +25,8 @@ from teemesh.identity.meshca import (
     issue_svid,
     mesh_ca_cert,
     mesh_ca_key,
-    spiffe_id,
 )
+from teemesh.identity.svid import spiffe_id
 from teemesh.net.async_https import AsyncAttestedHttps
 from teemesh.platform.agent_client import AgentClient
 

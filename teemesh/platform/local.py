@@ -22,6 +22,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,17 @@ def teemesh_command() -> str:
     return str(Path(found).absolute())
 
 
+def etcd_command() -> str:
+    found = shutil.which("etcd")
+    if found is None:
+        raise InputError(
+            "coordinators.store etcd runs an etcd member in each coordinator CVM, and etcd is "
+            "not installed: apt-get install etcd-server",
+            field="coordinators.store",
+        )
+    return found
+
+
 # -- up -------------------------------------------------------------------------------------
 
 
@@ -108,7 +120,10 @@ def up(
             field="state",
         )
     _fresh_state_dir(state_dir)
-    record = launch(plan, state_dir, spec_path, teemesh_command(), secrets.token_bytes(16))
+    etcd = etcd_command() if plan.spec.coordinators.store == "etcd" else "etcd"
+    record = launch(
+        plan, state_dir, spec_path, teemesh_command(), secrets.token_bytes(16), etcd=etcd
+    )
     prefix = ipaddress.IPv4Network(plan.spec.network).prefixlen
     netns.create(
         state_dir,
@@ -193,6 +208,16 @@ def spawn(state_dir: Path, cvm: CvmLaunch, process: ProcessSpec) -> None:
 def _is_ready(process: ProcessSpec) -> bool:
     if process.ready_socket:
         return Path(process.ready_socket).exists()
+    if process.ready_http:
+        url = urllib.parse.urlsplit(process.ready_http)
+        conn = http.client.HTTPConnection(url.hostname or "", url.port or 80, timeout=1)
+        try:
+            conn.request("GET", url.path or "/")
+            return bool(conn.getresponse().status == 200)
+        except (OSError, ValueError, http.client.HTTPException):
+            return False
+        finally:
+            conn.close()
     if process.ready_tcp:
         host, _, port = process.ready_tcp.rpartition(":")
         try:

@@ -3,7 +3,8 @@
 Pure: the same plan and state dir give the same launch, which is recorded in the state dir
 (``launch.json``) so ``restart`` starts a CVM again exactly as ``up`` did, and ``status``
 knows the cluster without reading the spec again. Processes start in stages (KMS, the other
-agents, coordinators, then sidecars and commands); each may name what shows it is ready.
+agents, the coordinators' etcd members, coordinators, then sidecars and commands); each may name
+what shows it is ready.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from teemesh.spec import (
 )
 
 LAUNCH_FILE = "launch.json"
-STAGE_KMS_AGENT, STAGE_KMS, STAGE_AGENT, STAGE_COORDINATOR, STAGE_WORKLOAD = range(5)
+STAGE_KMS_AGENT, STAGE_KMS, STAGE_AGENT, STAGE_STORE, STAGE_COORDINATOR, STAGE_WORKLOAD = range(6)
+ETCD_CLIENT_PORT = 2379
+ETCD_PEER_PORT = 2380
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEV_GATEWAY_APP_ID = "teemesh-local"
 """What the local KMS's boot authorization (``--auth-dev``, every boot allowed) names."""
@@ -47,6 +50,8 @@ class ProcessSpec(BaseModel):
     """Ready once this Unix socket exists (removed before each start)."""
     ready_tcp: str | None = None
     """Ready once ``HOST:PORT`` accepts a connection from the host."""
+    ready_http: str | None = None
+    """Ready once this URL answers 200 (etcd's ``/health`` once its cluster has a leader)."""
 
 
 class CvmLaunch(BaseModel):
@@ -95,8 +100,6 @@ def unsupported(plan: Plan) -> list[str]:
     problems = []
     if spec.tee != "simulated":
         problems.append(f"tee: the local platform simulates the TEE; got {spec.tee!r}")
-    if spec.coordinators.store != "embedded":
-        problems.append("coordinators.store: the local platform runs the embedded store only")
     if spec.gateway is not None:
         problems.append("gateway: the local platform does not run a gateway yet")
     if spec.kms.count == 0 and spec.coordinators.count > 1:
@@ -125,10 +128,19 @@ def launch_files(plan: Plan, state_dir: Path, platform_pub: str) -> dict[Path, t
     return files
 
 
-def launch(plan: Plan, state_dir: Path, spec_path: Path, teemesh: str, seed: bytes) -> Launch:
+def launch(
+    plan: Plan,
+    state_dir: Path,
+    spec_path: Path,
+    teemesh: str,
+    seed: bytes,
+    *,
+    etcd: str = "etcd",
+) -> Launch:
     """Every CVM's processes, in stages; ``teemesh`` is the command that runs the roles, and
     ``seed`` (random per ``up``) gives each CVM an instance id it keeps across restarts, as a
-    rebooted CVM does: the coordinator re-admits its peer id only for the same instance."""
+    rebooted CVM does: the coordinator re-admits its peer id only for the same instance.
+    ``etcd`` is the etcd binary the coordinators' members run (``store: etcd``)."""
     spec = plan.spec
     cvms = []
     for cvm in plan.cvms:
@@ -151,11 +163,19 @@ def launch(plan: Plan, state_dir: Path, spec_path: Path, teemesh: str, seed: byt
             )
         elif cvm.role == "coordinator":
             port = spec.coordinators.port
-            coordinator_argv = (
+            coordinator_argv: tuple[str, ...] = (
                 teemesh, "coordinator", "--policy", str(state_dir / "cluster-policy.yaml"),
                 "--listen", f"{cvm.address}:{port}", "--state", str(folder / "coordinator"),
                 "--agent", sock, "--name", cvm.address, "--name", cvm.name,
             )  # fmt: skip
+            if spec.coordinators.store == "etcd":
+                processes.append(_etcd_member(plan, state_dir, cvm, etcd))
+                coordinator_argv += (
+                    "--store",
+                    "etcd",
+                    "--etcd-endpoints",
+                    _etcd_clients(plan, cvm),
+                )
             processes.append(
                 ProcessSpec(
                     name="coordinator",
@@ -204,6 +224,34 @@ def _agent(plan: Plan, state_dir: Path, cvm: Cvm, teemesh: str, seed: bytes) -> 
         argv += ["--kms-policy", str(state_dir / "kms-pin.yaml")]
     stage = STAGE_KMS_AGENT if cvm.role == "kms" else STAGE_AGENT
     return ProcessSpec(name="agent", argv=tuple(argv), stage=stage, ready_socket=sock)
+
+
+def _etcd_member(plan: Plan, state_dir: Path, cvm: Cvm, etcd: str) -> ProcessSpec:
+    """One member of the coordinators' etcd cluster, in ``cvm``: every coordinator CVM holds
+    one, so the catalog survives any minority of coordinator CVMs.
+
+    Its peer and client traffic stays on the cluster's bridge, in clear: the local platform's
+    bridge is this machine's. (On dstack the members would talk TLS between CVMs.)"""
+    members = [c for c in plan.cvms if c.role == "coordinator"]
+    peers = ",".join(f"{c.name}=http://{c.address}:{ETCD_PEER_PORT}" for c in members)
+    client = f"http://{cvm.address}:{ETCD_CLIENT_PORT}"
+    argv = (
+        etcd, "--name", cvm.name, "--data-dir", str(cvm_dir(state_dir, cvm.name) / "etcd"),
+        "--listen-client-urls", client, "--advertise-client-urls", client,
+        "--listen-peer-urls", f"http://{cvm.address}:{ETCD_PEER_PORT}",
+        "--initial-advertise-peer-urls", f"http://{cvm.address}:{ETCD_PEER_PORT}",
+        "--initial-cluster", peers, "--initial-cluster-state", "new",
+        "--initial-cluster-token", f"teemesh-{plan.cluster}",
+    )  # fmt: skip
+    return ProcessSpec(name="etcd", argv=argv, stage=STAGE_STORE, ready_http=f"{client}/health")
+
+
+def _etcd_clients(plan: Plan, cvm: Cvm) -> str:
+    """The etcd client URLs a coordinator uses: its own CVM's member first."""
+    members = sorted(
+        (c for c in plan.cvms if c.role == "coordinator"), key=lambda c: c.name != cvm.name
+    )
+    return ",".join(f"http://{c.address}:{ETCD_CLIENT_PORT}" for c in members)
 
 
 def _workload(

@@ -10,53 +10,16 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from localkit import ROOT, TEEMESH, calls, fetch, links, namespaces, teemesh, wait_ready
 
 pytestmark = pytest.mark.e2e
-
-ROOT = Path(__file__).resolve().parents[2]
 STARTER = ROOT / "examples" / "starter" / "cluster.yaml"
-TEEMESH = str(Path(sys.executable).parent / "teemesh")
 WORKERS = [f"worker-{i}" for i in range(5)]
-CALLS = """
-import collections, json, sys, urllib.request
-url, n = sys.argv[1], int(sys.argv[2])
-counts, errors = collections.Counter(), collections.Counter()
-for _ in range(n):
-    try:
-        with urllib.request.urlopen(url, timeout=5) as reply:
-            counts[json.loads(reply.read()).get("peer_id")] += 1
-    except Exception as exc:
-        errors[type(exc).__name__] += 1
-print(json.dumps({"counts": counts, "errors": errors}))
-"""
-FETCH = """
-import sys, urllib.request
-with urllib.request.urlopen(sys.argv[1], timeout=5) as reply:
-    sys.stdout.write(reply.read().decode())
-"""
-
-
-def teemesh(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [TEEMESH, *map(str, args)], capture_output=True, text=True, timeout=timeout, check=False
-    )
-
-
-def namespaces() -> set[str]:
-    out = subprocess.run(["ip", "-j", "netns", "list"], capture_output=True, text=True, check=True)
-    return {n["name"] for n in json.loads(out.stdout or "[]")}
-
-
-def links() -> set[str]:
-    out = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True, check=True)
-    return {link["ifname"] for link in json.loads(out.stdout or "[]")}
 
 
 @pytest.fixture(scope="module")
@@ -70,29 +33,6 @@ def state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield state
     finally:
         teemesh("down", "--state", state)
-
-
-def fetch(state: Path, cvm: str, url: str) -> subprocess.CompletedProcess[str]:
-    return teemesh("exec", cvm, "--state", state, "--", sys.executable, "-c", FETCH, url)
-
-
-def calls(state: Path, cvm: str, url: str, n: int = 20) -> dict[str, Any]:
-    """``n`` calls of ``url`` from inside ``cvm``: answers per peer id, errors per kind."""
-    result = teemesh("exec", cvm, "--state", state, "--", sys.executable, "-c", CALLS, url, n)
-    assert result.returncode == 0, result.stderr
-    doc: dict[str, Any] = json.loads(result.stdout)
-    return doc
-
-
-def wait_ready(state: Path, timeout: float = 30) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        doc = json.loads(teemesh("status", "--state", state, "--json").stdout)
-        if all(c.get("ready", True) for c in doc["cvms"]):
-            return doc
-        if time.monotonic() > deadline:
-            pytest.fail(f"cluster not ready again: {doc}")
-        time.sleep(0.5)
 
 
 def test_status_shows_every_cvm_admitted_and_healthy(state: Path) -> None:

@@ -4,6 +4,7 @@ down``: a whole cluster on this machine, one network namespace per CVM."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -69,6 +70,10 @@ def _errors(func: F) -> F:
     return cast("F", wrapper)
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 @click.command("up")
 @click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False, path_type=Path))
 @_state_option
@@ -92,6 +97,8 @@ def up(
     def progress(line: str) -> None:
         stderr.print(f"[dim]{time.monotonic() - started:5.1f}s[/dim] {line}")
 
+    # SIGTERM midway tears down what was made, as Ctrl-C does (up catches any exception)
+    previous = signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         with stderr.status(f"bringing up {spec_path}"):
             record = local.up(
@@ -109,6 +116,8 @@ def up(
         if _is_not_ready(exc):
             _not_ready(cast("NotReady", exc), state)
         fail(exc)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     elapsed = time.monotonic() - started
     if as_json:
         print_json({"cluster": record.cluster, "state": str(state), "seconds": round(elapsed, 2),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -195,6 +196,36 @@ def test_a_broken_spec_is_refused_before_anything_is_made(tmp_path: Path, case: 
     assert expected in result.stderr, result.stderr
     assert not (tmp_path / "state" / "network.json").exists()
     assert namespaces() == before
+
+
+def test_sigterm_while_starting_removes_what_up_made(tmp_path: Path) -> None:
+    spec = tmp_path / "cluster.yaml"
+    spec.write_text(
+        STARTER.read_text()
+        .replace("cluster: starter", "cluster: sigterm")
+        .replace("10.77.0.0/24", "10.80.0.0/24")
+    )
+    before_ns, before_links = namespaces(), links()
+    up = subprocess.Popen(
+        [TEEMESH, "up", str(spec), "--state", str(tmp_path / "state")],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    with up:
+        assert up.stderr is not None
+        seen = []
+        for line in up.stderr:  # ends at EOF: up exits at the latest when its timeout passes
+            seen.append(line)
+            if "started kms" in line:
+                up.send_signal(signal.SIGTERM)
+                break
+        try:
+            assert up.wait(60) == 128 + signal.SIGTERM, "".join(seen)
+            assert not (tmp_path / "state" / "network.json").exists()
+            assert (namespaces(), links()) == (before_ns, before_links)
+        finally:  # only if the test failed is there anything left to remove
+            if up.poll() is None:
+                up.kill()
+            teemesh("down", "--state", tmp_path / "state")
 
 
 def test_without_privileges_up_says_so_and_makes_nothing(tmp_path: Path) -> None:

@@ -63,7 +63,17 @@ def _loopback(value: str) -> str:
     return value
 
 
+_DOMAIN = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9-]{1,63}")
+
+
+def _domain(value: str) -> str:
+    if not _DOMAIN.fullmatch(value):
+        raise ValueError(f"{value!r} is not a lower-case domain name")
+    return value
+
+
 Label = Annotated[str, Check(_label)]
+Domain = Annotated[str, Check(_domain)]
 Address = Annotated[str, Check(_address)]
 HostPort = Annotated[str, Check(_host_port)]
 Loopback = Annotated[str, Check(_loopback)]

@@ -158,3 +158,18 @@ def load_key_pem(pem: str | bytes, *, field: str) -> ec.EllipticCurvePrivateKey:
     if not (isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1)):
         raise InputError("expected a P-256 private key", field=field)
     return key
+
+
+def local_web_pki(names: Sequence[str], *, days: int = 397) -> tuple[str, tuple[str, str]]:
+    """A CA made on this machine and a server certificate it signed for ``names`` (DNS names,
+    wildcards allowed): (CA PEM, (certificate PEM, key PEM)). The local platform's gateway
+    serves the certificate; a client trusts the CA by file (``curl --cacert``), never the
+    system store, so the CA key is dropped here."""
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    start, end = now - dt.timedelta(hours=1), now + dt.timedelta(days=days)
+    ca_key, key = new_p256_key(), new_p256_key()
+    ca = issue(CertSpec(f"teemesh local CA {now:%Y-%m-%d %H:%M}", start, end, ca_path_len=0),
+               ca_key.public_key(), ca_key)  # fmt: skip
+    leaf = CertSpec(names[0], start, end, alt_names=names, server_auth=True)
+    cert = issue(leaf, key.public_key(), ca_key, ca)
+    return cert_pem(ca), (cert_pem(cert), key_pem(key))

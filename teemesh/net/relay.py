@@ -180,7 +180,8 @@ class TlsLeg(Leg):
     OpenSSL; it may refuse the peer by raising, which aborts the connection. A client may offer
     a ``session`` from an earlier connection to the same peer: resuming it halves the
     handshake's CPU (no signature, no chain to verify), and the peer's certificate is the one
-    the session was made with."""
+    the session was made with. ``server_hostname`` is sent as SNI only (a gateway in TLS
+    passthrough routes by it); who the peer is, ``on_handshake`` decides."""
 
     def __init__(
         self,
@@ -190,10 +191,17 @@ class TlsLeg(Leg):
         on_handshake: Callable[[TlsLeg], None],
         on_failure: Callable[[TlsLeg, BaseException], None] | None = None,
         session: ssl.SSLSession | None = None,
+        server_hostname: str | None = None,
     ) -> None:
         super().__init__()
         self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.tls = context.wrap_bio(self._in, self._out, server_side=server_side, session=session)
+        self.tls = context.wrap_bio(
+            self._in,
+            self._out,
+            server_side=server_side,
+            session=session,
+            server_hostname=server_hostname,
+        )
         self.handshaken = False
         self.on_handshake = on_handshake
         self.on_failure = on_failure

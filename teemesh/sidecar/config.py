@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from annotated_types import Ge, Le, MaxLen, MinLen
 
-from teemesh.checks import STRICT, Address, Check, HostPort, Label, Loopback, Port
+from teemesh.checks import STRICT, Address, Check, Domain, HostPort, Label, Loopback, Port
 from teemesh.errors import InputError
 from teemesh.net.tls import https_target
 
@@ -87,6 +87,45 @@ class Route:
 
 
 @dataclass(frozen=True)
+class PublicBackend:
+    """A backend the gateway may reach: ``<app id of group>-<port>.<base domain>``."""
+
+    __pydantic_config__ = STRICT
+    group: Label
+    backend: Label
+    port: Port
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """This sidecar is the cluster's public gateway: dstack's SNI names, mapped onto the mesh."""
+
+    __pydantic_config__ = STRICT
+    base_domain: Domain
+    certificate: str
+    """PEM file: the certificate chain for ``*.<base_domain>`` (terminated names)."""
+    key: str
+    """PEM file: its private key (owner-only)."""
+    listen: HostPort = "0.0.0.0:443"
+    public: tuple[PublicBackend, ...] = ()
+    txt_records: str | None = None
+    """A YAML file of TXT records for custom domains (the local platform); else DNS."""
+    nameservers: tuple[HostPort, ...] = ()
+    """DNS servers for the TXT lookups of custom domains (default: the system's)."""
+    client_hello_timeout: Annotated[float, Ge(0.1), Le(300)] = 10
+
+
+@dataclass(frozen=True)
+class ViaGateway:
+    """The gateway transport: tunnels to peers go through a gateway's TLS passthrough, named
+    ``<instance_id>-<ingress port>s.<base_domain>``; the mesh mTLS stays end to end."""
+
+    __pydantic_config__ = STRICT
+    address: HostPort
+    base_domain: Domain
+
+
+@dataclass(frozen=True)
 class SidecarConfig:
     __pydantic_config__ = STRICT
     cluster: Label
@@ -108,6 +147,8 @@ class SidecarConfig:
     connect_timeout: Annotated[float, Ge(0.1), Le(60)] = 3
     eject_seconds: Annotated[float, Ge(0.1), Le(3600)] = 10
     drain_seconds: Annotated[float, Ge(0), Le(3600)] = 10
+    gateway: GatewaySettings | None = None
+    via_gateway: ViaGateway | None = None
 
     @property
     def ingress_port(self) -> int:
@@ -219,5 +260,12 @@ def config_from_json(doc: dict[str, Any]) -> SidecarConfig:
         name: Route(**{**r, "callers": None if r.get("callers") is None else tuple(r["callers"])})
         for name, r in doc["routes"].items()
     }
+    gateway = doc.get("gateway")
+    if gateway is not None:
+        public = tuple(PublicBackend(**b) for b in gateway["public"])
+        gateway = GatewaySettings(**{**gateway, "public": public,
+                                     "nameservers": tuple(gateway["nameservers"])})  # fmt: skip
+    via = doc.get("via_gateway")
     fields = {**doc, "coordinators": tuple(doc["coordinators"])}
-    return SidecarConfig(**{**fields, "backends": backends, "routes": routes})
+    return SidecarConfig(**{**fields, "backends": backends, "routes": routes, "gateway": gateway,
+                            "via_gateway": None if via is None else ViaGateway(**via)})  # fmt: skip

@@ -19,7 +19,7 @@ from typing import Any
 from teemesh.errors import MeshError, PeerError
 from teemesh.identity.svid import SvidIdentity
 from teemesh.logs import log_event
-from teemesh.net.relay import HELD_LIMIT, TcpLeg, TlsLeg, join
+from teemesh.net.relay import HELD_LIMIT, Leg, TcpLeg, TlsLeg, join
 from teemesh.sidecar import tunnel as wire
 from teemesh.sidecar.config import Route
 from teemesh.sidecar.plane import Plane, Tunnel
@@ -51,9 +51,15 @@ class EgressListener:
         self.tasks: set[asyncio.Task[None]] = set()
 
     def __call__(self) -> TcpLeg:
-        return AcceptedLeg(self._accepted)
+        return AcceptedLeg(self.attach)
 
-    def _accepted(self, client: TcpLeg) -> None:
+    def candidates(self) -> list[Instance]:
+        """The instances a new connection may go to (before the balancer orders them)."""
+        return self.plane.instances.serving(self.route)
+
+    def attach(self, client: Leg) -> None:
+        """Open a tunnel for ``client``, a connection accepted here or by the gateway; what it
+        has sent so far is held and goes first."""
         plane = self.plane
         refusal = (
             "draining" if plane.draining
@@ -70,12 +76,12 @@ class EgressListener:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _open(self, client: TcpLeg) -> None:
+    async def _open(self, client: Leg) -> None:
         plane = self.plane
         try:
             tried: set[str] = set()
             while not client.closed:
-                candidates = [i for i in plane.instances.serving(self.route) if i.key not in tried]
+                candidates = [i for i in self.candidates() if i.key not in tried]
                 ordered = plane.balancer.order(candidates, plane.clock())
                 if not ordered:
                     raise NoInstance(f"route {self.name}: no reachable instance of "
@@ -91,7 +97,7 @@ class EgressListener:
         finally:
             plane.pending -= 1
 
-    async def _try(self, client: TcpLeg, instance: Instance) -> bool:
+    async def _try(self, client: Leg, instance: Instance) -> bool:
         """True when the tunnel is up (or the client gave up); False to try another instance."""
         plane = self.plane
         try:
@@ -179,14 +185,14 @@ class EgressListener:
                 _fail(future, PeerError(f"TLS to {instance.key}: {exc}"))
 
         session = plane.sessions.get(instance.key)
+        host, port, sni = _way_to(plane, instance)
 
         def make() -> TlsLeg:
             return TlsLeg(context, server_side=False, on_handshake=verified, on_failure=failed,
-                          session=session)  # fmt: skip
+                          session=session, server_hostname=sni)  # fmt: skip
 
         _, leg = await asyncio.wait_for(
-            loop.create_connection(make, instance.address, instance.port),
-            plane.config.connect_timeout,
+            loop.create_connection(make, host, port), plane.config.connect_timeout
         )
         attempt = _Attempt(leg, handshake, reply)
         leg.sink = lambda chunks: _read_reply(attempt, chunks)
@@ -197,6 +203,18 @@ class EgressListener:
             leg.abort()
             raise
         return attempt
+
+
+def _way_to(plane: Plane, instance: Instance) -> tuple[str, int, str | None]:
+    """Where to connect for ``instance``'s ingress, and the SNI to send: its address, or with
+    the gateway transport the gateway, in passthrough to ``<instance_id>-<port>s``."""
+    via = plane.config.via_gateway
+    if via is None:
+        return instance.address, instance.port, None
+    if instance.instance_id is None:
+        raise PeerError(f"{instance.key} has no instance id for the gateway to route by")
+    host, _, port = via.address.rpartition(":")
+    return host, int(port), f"{instance.instance_id}-{instance.port}s.{via.base_domain}"
 
 
 class AcceptedLeg(TcpLeg):

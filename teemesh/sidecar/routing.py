@@ -30,6 +30,7 @@ class Instance:
     tags: dict[str, str] = field(compare=False, hash=False)
     health: str = "passing"
     instance_id: str | None = None
+    app_id: str | None = None
 
     @classmethod
     def from_value(cls, key: str, value: Any) -> Instance | None:
@@ -47,7 +48,7 @@ class Instance:
                 key, str(value["service"]), str(value["group"]), str(value["peer_id"]),
                 str(value["address"]), int(value["port"]),
                 {str(k): str(v) for k, v in tags.items()}, str(value.get("health", "passing")),
-                _optional_str(value.get("instance_id")),
+                _optional_str(value.get("instance_id")), _optional_str(value.get("app_id")),
             )  # fmt: skip
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
             return None

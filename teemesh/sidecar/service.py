@@ -101,6 +101,13 @@ class Sidecar:
             route = config.routes[name]
             listener = EgressListener(self.plane, name, route)
             self.servers.append(await loop.create_server(listener, vip, route.port, backlog=1024))
+        if config.gateway is not None:
+            # imported here: only the gateway's sidecar needs SNI routing and DNS
+            from teemesh.gateway.listener import GatewayListener  # noqa: PLC0415
+
+            public = GatewayListener.from_settings(self.plane, config.gateway)
+            host, _, port = config.gateway.listen.rpartition(":")
+            self.servers.append(await loop.create_server(public, host, int(port), backlog=1024))
         if self.hosts_file is not None:
             write_hosts(self.hosts_file, hosts_lines(config))
         self.registrar = Registrar(config, self.catalog, self.metrics)
@@ -218,5 +225,12 @@ class Sidecar:
             "backends": backends,
             "tunnels": tunnels,
             "revoked_serials": len(plane.revoked),
+            "gateway": None
+            if config.gateway is None
+            else {
+                "listen": config.gateway.listen,
+                "base_domain": config.gateway.base_domain,
+                "public": [f"{b.group}/{b.backend}:{b.port}" for b in config.gateway.public],
+            },
             "time": int(time.time()),
         }

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field, PrivateAttr, field_validator
 
 from teemesh.attest.policy import Hex32
-from teemesh.checks import Label, Port
+from teemesh.checks import Domain, HostPort, Label, Port
 from teemesh.config import Frozen
 from teemesh.sidecar.config import HealthCheck
 
@@ -29,7 +29,6 @@ MAX_REPLICAS = 1000
 MAX_ROUTES = 1000
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 _IMAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_DOMAIN = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9-]{1,63}")
 
 
 def _pattern(regex: re.Pattern[str], what: str) -> AfterValidator:
@@ -111,8 +110,11 @@ class Kms(Frozen):
 class Gateway(Frozen):
     """Public ingress with dstack names ``<app_id>[-<port>][s|g].<base_domain>``."""
 
-    base_domain: Annotated[str, _pattern(_DOMAIN, "a lower-case domain name")] = "teemesh.localhost"
+    base_domain: Domain = "teemesh.localhost"
     port: Port = 443
+    """Where the gateway listens in its CVM."""
+    publish: HostPort = "127.0.0.1:8443"
+    """The local platform only: where the gateway is reachable on this machine."""
 
 
 class SidecarPorts(Frozen):

@@ -59,7 +59,7 @@ class Sidecar:
     def connect(self, route: str, port: int, timeout: float = 10) -> socket.socket:
         return socket.create_connection((self.vips[route], port), timeout=timeout)
 
-    def metric(self, name: str, **labels: str) -> float:
+    def metric(self, name: str, /, **labels: str) -> float:
         """The value of one sample (0 when absent)."""
         want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
         for line in self.metrics().splitlines():
@@ -107,10 +107,10 @@ def run_sidecar(
     extra: dict[str, Any] | None = None,
     peer_id: str | None = None,
     wait_ready: bool = True,
+    agent_args: tuple[str, ...] = (),
 ) -> Iterator[Sidecar]:
-    """A sidecar for CVM ``name`` (its own agent), serving until the block ends.
-
-    ``wait_ready=False`` returns once its local API answers, admitted or not."""
+    """A sidecar for CVM ``name`` (its own agent, started with ``agent_args``), serving until
+    the block ends. ``wait_ready=False`` returns once its local API answers, admitted or not."""
     block = next(_vip_blocks)
     routes = dict(routes or {})
     vips = {}
@@ -135,7 +135,7 @@ def run_sidecar(
     }
     path = mesh.tmp / f"{name}-sidecar.yaml"
     path.write_text(yaml.safe_dump(config))
-    agent_cm, sock = mesh.agent(name, compose)
+    agent_cm, sock = mesh.agent(name, compose, *agent_args)
     with agent_cm:
         api_url = f"127.0.0.1:{api}"
 

@@ -121,12 +121,23 @@ def up(
     elapsed = time.monotonic() - started
     if as_json:
         print_json({"cluster": record.cluster, "state": str(state), "seconds": round(elapsed, 2),
-                    "cvms": [c.name for c in record.cvms]})  # fmt: skip
+                    "cvms": [c.name for c in record.cvms],
+                    "public": list(record.public)})  # fmt: skip
         return
     stderr.print(
         f"[green]ready[/green]: cluster {record.cluster}, {len(record.cvms)} CVMs, "
         f"in {elapsed:.1f} s (state {state})"
     )
+    _public(list(record.public), state.absolute() / "gateway-ca.pem")
+
+
+def _public(urls: list[str], ca: Path) -> None:
+    """The gateway's URLs, and how to trust its local CA."""
+    if not urls:
+        return
+    stdout.print(f"public through the gateway (its certificate is signed by the local CA {ca}):")
+    for url in urls:
+        stdout.print(f"  curl --cacert {ca} {url}")
 
 
 def _listing(problems: list[str]) -> str:
@@ -160,6 +171,7 @@ def status(state_dir: Path | None, as_json: bool) -> None:
     rows = [_status_row(cvm) for cvm in doc["cvms"]]
     columns = ("CVM", "role", "address", "processes", "admission", "routes", "backends")
     stdout.print(grid(f"cluster {doc['cluster']}", columns, rows))
+    _public(doc["public"], Path(doc["gateway_ca"] or "gateway-ca.pem"))
     if doc["partitions"]:
         stdout.print("partitions: " + ", ".join(" / ".join(p) for p in doc["partitions"]))
 

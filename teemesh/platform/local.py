@@ -31,6 +31,7 @@ from teemesh.attest.simulated import PlatformKey
 from teemesh.config import ConfigError
 from teemesh.errors import InputError, InternalError, MeshError
 from teemesh.fsutil import write_private
+from teemesh.identity.certs import local_web_pki
 from teemesh.platform import netns, vmm
 from teemesh.platform.local_plan import (
     LAUNCH_FILE,
@@ -38,12 +39,14 @@ from teemesh.platform.local_plan import (
     Launch,
     ProcessSpec,
     agent_socket,
+    gateway_ca_file,
+    gateway_tls_files,
     launch,
     launch_files,
     not_ready,
     unsupported,
 )
-from teemesh.spec import load_spec, plan_cluster
+from teemesh.spec import Plan, load_spec, plan_cluster
 
 START_TIMEOUT = 30.0
 """How long one stage's processes get to show they are ready."""
@@ -137,6 +140,7 @@ def up(
         write_private(state_dir / "platform.key", platform.private_pem())
         pub = platform.public_pem()
         (state_dir / "platform.pub").write_bytes(pub)
+        _gateway_certificate(plan, state_dir)
         for path, (data, secret) in launch_files(plan, state_dir, pub.decode()).items():
             netns.private_dir(path.parent)
             if secret:
@@ -157,6 +161,20 @@ def up(
         raise
     wait_ready(record, timeout=timeout, progress=progress)
     return record
+
+
+def _gateway_certificate(plan: Plan, state_dir: Path) -> None:
+    """A local CA and the wildcard certificate it signs for the gateway's base domain."""
+    if plan.spec.gateway is None:
+        return
+    base = plan.spec.gateway.base_domain
+    ca, (cert, key) = local_web_pki([f"*.{base}", base])
+    gateway_ca_file(state_dir).write_text(ca)
+    for cvm in plan.of_role("gateway"):
+        cert_file, key_file = gateway_tls_files(state_dir, cvm.name)
+        netns.private_dir(cert_file.parent)
+        cert_file.write_text(cert)
+        write_private(key_file, key.encode())
 
 
 def _stage_line(started: list[tuple[CvmLaunch, ProcessSpec]]) -> str:
@@ -202,7 +220,8 @@ def spawn(state_dir: Path, cvm: CvmLaunch, process: ProcessSpec) -> None:
     if process.name == "agent":  # a reboot: a fresh runtime-event log
         shutil.rmtree(agent_socket(state_dir, cvm.name).parent / "agent", ignore_errors=True)
     cwd = Path(process.cwd) if process.cwd else None
-    vmm.spawn(state_dir, cvm.name, process.name, process.argv, env=process.env, cwd=cwd)
+    vmm.spawn(state_dir, cvm.name, process.name, process.argv, env=process.env, cwd=cwd,
+              host_network=process.host_network)  # fmt: skip
 
 
 def _is_ready(process: ProcessSpec) -> bool:
@@ -384,6 +403,8 @@ def status(state_dir: Path) -> dict[str, Any]:
         "cluster": record.cluster,
         "spec": record.spec_path,
         "state": str(state_dir),
+        "public": list(record.public),
+        "gateway_ca": str(gateway_ca_file(state_dir)) if record.public else None,
         "partitions": [list(p) for p in state.partitions],
         "cvms": cvms,
     }

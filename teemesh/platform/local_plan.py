@@ -24,8 +24,10 @@ from teemesh.spec import (
     cluster_policy,
     command_env,
     coordinator_attest_policy,
+    gateway_settings,
     group_app_compose,
     os_image_hashes,
+    public_endpoints,
     sidecar_config,
     system_app_compose,
 )
@@ -52,6 +54,8 @@ class ProcessSpec(BaseModel):
     """Ready once ``HOST:PORT`` accepts a connection from the host."""
     ready_http: str | None = None
     """Ready once this URL answers 200 (etcd's ``/health`` once its cluster has a leader)."""
+    host_network: bool = False
+    """Runs in the host's network, not the CVM's (what publishes the gateway on the host)."""
 
 
 class CvmLaunch(BaseModel):
@@ -77,6 +81,8 @@ class Launch(BaseModel):
     """Route name -> VIP: each CVM's /etc/hosts, besides the CVM names."""
     instances: dict[str, int]
     """Route name -> how many CVMs serve it when the whole cluster is up."""
+    public: tuple[str, ...] = ()
+    """The gateway's URLs for the public backends, as published on this machine."""
 
     def cvm(self, name: str) -> CvmLaunch:
         for cvm in self.cvms:
@@ -100,8 +106,6 @@ def unsupported(plan: Plan) -> list[str]:
     problems = []
     if spec.tee != "simulated":
         problems.append(f"tee: the local platform simulates the TEE; got {spec.tee!r}")
-    if spec.gateway is not None:
-        problems.append("gateway: the local platform does not run a gateway yet")
     if spec.kms.count == 0 and spec.coordinators.count > 1:
         problems.append("kms: several coordinators share their CA key through a KMS; add one")
     return problems
@@ -119,13 +123,43 @@ def launch_files(plan: Plan, state_dir: Path, platform_pub: str) -> dict[Path, t
         state_dir / "kms-pin.yaml": (_yaml(_kms_pin(plan, platform_pub)), False),
     }
     pin = coordinator_attest_policy(plan, platform_pub)
+    if spec.gateway is not None:
+        files[txt_records_file(state_dir)] = (TXT_RECORDS_HELP, False)
     for cvm in plan.cvms:
         folder = cvm_dir(state_dir, cvm.name)
         files[folder / "app-compose.json"] = (_compose(plan, cvm), False)
-        if cvm.role == "workload":
-            config = sidecar_config(plan, cvm, plan.coordinator_urls(), pin)
+        if cvm.role in ("workload", "gateway"):
+            gateway = None
+            if cvm.role == "gateway":
+                cert, key = gateway_tls_files(state_dir, cvm.name)
+                txt = str(txt_records_file(state_dir))
+                gateway = gateway_settings(plan, certificate=str(cert), key=str(key),
+                                           txt_records=txt)  # fmt: skip
+            config = sidecar_config(plan, cvm, plan.coordinator_urls(), pin, gateway=gateway)
             files[folder / "sidecar.yaml"] = (_yaml(config), True)
     return files
+
+
+TXT_RECORDS_HELP = b"""\
+# TXT records the local gateway routes custom domains by, as DNS would hold them:
+#   _dstack-app-address.shop.example: "<app id>:<port>"      (TLS passed through to the app)
+#   _dstack-app-address-wildcard.example.org: "<app id>:<port>"
+{}
+"""
+
+
+def txt_records_file(state_dir: Path) -> Path:
+    return state_dir / "gateway-txt-records.yaml"
+
+
+def gateway_ca_file(state_dir: Path) -> Path:
+    """The local CA of the gateway's certificate: what ``curl --cacert`` trusts."""
+    return state_dir / "gateway-ca.pem"
+
+
+def gateway_tls_files(state_dir: Path, cvm: str) -> tuple[Path, Path]:
+    folder = cvm_dir(state_dir, cvm)
+    return folder / "tls.pem", folder / "tls.key"
 
 
 def launch(
@@ -187,6 +221,9 @@ def launch(
         elif cvm.role == "workload":
             api = f"127.0.0.1:{spec.sidecar.api}"
             processes += _workload(plan, state_dir, cvm, teemesh, spec_path)
+        elif cvm.role == "gateway":
+            api = f"127.0.0.1:{spec.sidecar.api}"
+            processes += _gateway(plan, state_dir, cvm, teemesh)
         cvms.append(
             CvmLaunch(
                 name=cvm.name,
@@ -205,7 +242,16 @@ def launch(
         cvms=tuple(cvms),
         hosts={r.name: r.vip for r in plan.routes},
         instances={r.name: len(plan.replicas(r.group)) for r in plan.routes},
+        public=tuple(_public_urls(plan)),
     )
+
+
+def _public_urls(plan: Plan) -> list[str]:
+    gateway = plan.spec.gateway
+    if gateway is None:
+        return []
+    port = gateway.publish.rpartition(":")[2]
+    return [f"https://{e['host']}:{port}/" for e in public_endpoints(plan)]
 
 
 def _agent(plan: Plan, state_dir: Path, cvm: Cvm, teemesh: str, seed: bytes) -> ProcessSpec:
@@ -254,21 +300,45 @@ def _etcd_clients(plan: Plan, cvm: Cvm) -> str:
     return ",".join(f"http://{c.address}:{ETCD_CLIENT_PORT}" for c in members)
 
 
+def _sidecar(state_dir: Path, cvm: Cvm, teemesh: str) -> ProcessSpec:
+    folder = cvm_dir(state_dir, cvm.name)
+    argv = (
+        teemesh, "sidecar", "run", "--config", str(folder / "sidecar.yaml"),
+        "--agent", str(agent_socket(state_dir, cvm.name)), "--state", str(folder / "sidecar"),
+        "--hosts-file", str(folder / "sidecar" / "hosts"),
+    )  # fmt: skip
+    return ProcessSpec(name="sidecar", argv=argv, stage=STAGE_WORKLOAD)
+
+
+def _gateway(plan: Plan, state_dir: Path, cvm: Cvm, teemesh: str) -> list[ProcessSpec]:
+    """The gateway CVM: a sidecar with the public listener, published on the host."""
+    assert plan.spec.gateway is not None
+    publish = plan.spec.gateway.publish
+    python = str(Path(teemesh).parent / "python")
+    forward = (python, "-m", "teemesh.net.forward", publish,
+               f"{cvm.address}:{plan.spec.gateway.port}")  # fmt: skip
+    return [
+        _sidecar(state_dir, cvm, teemesh),
+        ProcessSpec(
+            name="publish",
+            argv=forward,
+            stage=STAGE_WORKLOAD,
+            ready_tcp=publish,
+            host_network=True,
+        ),
+    ]
+
+
 def _workload(
     plan: Plan, state_dir: Path, cvm: Cvm, teemesh: str, spec_path: Path
 ) -> list[ProcessSpec]:
-    folder = cvm_dir(state_dir, cvm.name)
     sock = str(agent_socket(state_dir, cvm.name))
-    sidecar = (
-        teemesh, "sidecar", "run", "--config", str(folder / "sidecar.yaml"), "--agent", sock,
-        "--state", str(folder / "sidecar"), "--hosts-file", str(folder / "sidecar" / "hosts"),
-    )  # fmt: skip
     bin_dir = str(Path(teemesh).parent)
     env = command_env(plan, cvm) | {
         "DSTACK_SIMULATOR_ENDPOINT": sock,
         "PATH": f"{bin_dir}:{SYSTEM_PATH}",  # `python` is the one teemesh runs on
     }
-    processes = [ProcessSpec(name="sidecar", argv=sidecar, stage=STAGE_WORKLOAD)]
+    processes = [_sidecar(state_dir, cvm, teemesh)]
     argv = plan.spec.workload_groups[cvm.group].argv()
     if argv:  # a group may have only a compose file, for dstack: nothing to run here
         processes.append(

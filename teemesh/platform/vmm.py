@@ -68,7 +68,7 @@ def handle_of(pid: int) -> Handle | None:
 
 
 def spawn_in(
-    namespace: str,
+    namespace: str | None,
     argv: Sequence[str],
     *,
     env: Mapping[str, str],
@@ -76,21 +76,23 @@ def spawn_in(
     cwd: Path | None = None,
 ) -> Handle:
     """Start ``argv`` through ``ip netns exec`` (which execs it: same PID), output appended to
-    ``log`` (created 0600), stdin from /dev/null, in a new session, with exactly ``env``."""
+    ``log`` (created 0600), stdin from /dev/null, in a new session, with exactly ``env``.
+    Without a ``namespace`` it runs in the host's network (what publishes a CVM's port)."""
     ip = shutil.which("ip")
     if ip is None:
         raise InternalError(
             "the ip command is missing: install iproute2 (apt-get install iproute2)"
         )
-    command = [ip, "netns", "exec", namespace]
+    command = [ip, "netns", "exec", namespace] if namespace else []
     if cwd is not None:
-        command += ["env", f"--chdir={cwd}", "--"]
+        command += [shutil.which("env") or "/usr/bin/env", f"--chdir={cwd}", "--"]
     command += argv
+    program = shutil.which(command[0]) or command[0]  # posix_spawn does not search PATH
     try:
         fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             pid = os.posix_spawn(
-                ip,
+                program,
                 command,
                 dict(env),
                 file_actions=[
@@ -217,9 +219,11 @@ def spawn(
     *,
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
+    host_network: bool = False,
 ) -> Process:
     """Start ``argv`` as process ``name`` of CVM ``cvm``, with this environment plus ``env``,
-    output appended to ``STATE/logs/CVM/NAME.log``; ``name`` must not be running already."""
+    output appended to ``STATE/logs/CVM/NAME.log``; ``name`` must not be running already.
+    ``host_network``: it belongs to the CVM (killed with it) but runs in the host's network."""
     if not argv:
         raise InputError("no command to run", field="argv")
     if not _PROCESS_NAME.fullmatch(name):
@@ -232,7 +236,8 @@ def spawn(
             raise InputError(f"{name} already runs in {cvm} (PID {old.pid})", field="name")
         log = state_dir / "logs" / cvm / f"{name}.log"
         netns.private_dir(log.parent)
-        handle = spawn_in(namespace, argv, env={**os.environ, **(env or {})}, log=log, cwd=cwd)
+        where = None if host_network else namespace
+        handle = spawn_in(where, argv, env={**os.environ, **(env or {})}, log=log, cwd=cwd)
         record = Process(
             cvm=cvm, name=name, pid=handle.pid, start_time=handle.start_time, log=str(log)
         )

@@ -38,11 +38,14 @@ from teemesh.spec.model import (
 )
 from teemesh.spec.plan import Cvm, Plan, PlannedRoute, plan_cluster
 from teemesh.spec.render import (
+    app_id,
     cluster_policy,
     command_env,
     coordinator_attest_policy,
+    gateway_settings,
     group_app_compose,
     os_image_hashes,
+    public_endpoints,
     sidecar_config,
     system_app_compose,
 )
@@ -57,14 +60,17 @@ __all__ = [
     "PlannedRoute",
     "Route",
     "WorkloadGroup",
+    "app_id",
     "cluster_policy",
     "command_env",
     "coordinator_attest_policy",
+    "gateway_settings",
     "group_app_compose",
     "load_spec",
     "os_image_hashes",
     "parse_spec",
     "plan_cluster",
+    "public_endpoints",
     "sidecar_config",
     "spec_problems",
     "spec_warnings",

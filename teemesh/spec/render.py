@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from teemesh.attest.dstack import compose_hash
+from teemesh.attest.dstack import compose_hash, default_app_id
 from teemesh.attest.simulated import OsImage
 from teemesh.errors import InputError
 from teemesh.spec.model import ClusterSpec
@@ -125,18 +125,64 @@ def coordinator_attest_policy(plan: Plan, platform_key: str | None = None) -> di
     }
 
 
+def app_id(spec: ClusterSpec, group: str) -> str:
+    """The dstack app id of ``group`` where the platform derives it from the compose hash (the
+    simulated agent does; on dstack the KMS may assign another): the gateway's ``<id>``."""
+    return default_app_id(compose_hash(group_app_compose(spec, group))).hex()
+
+
+def public_endpoints(plan: Plan) -> list[dict[str, Any]]:
+    """Each public backend and the gateway name that reaches it (TLS terminated)."""
+    spec = plan.spec
+    if spec.gateway is None:
+        return []
+    out = []
+    for name, group in spec.workload_groups.items():
+        app = app_id(spec, name)
+        for backend, b in group.backends.items():
+            if b.public:
+                host = f"{app}-{b.port}.{spec.gateway.base_domain}"
+                out.append({"group": name, "backend": backend, "port": b.port, "app_id": app,
+                            "host": host})  # fmt: skip
+    return out
+
+
+def gateway_settings(
+    plan: Plan, *, certificate: str, key: str, txt_records: str | None = None
+) -> dict[str, Any]:
+    """The ``gateway`` section of the gateway CVM's sidecar: the spec's base domain and public
+    backends, with the certificate files where that CVM finds them."""
+    spec = plan.spec
+    if spec.gateway is None:
+        raise InputError("the spec has no gateway section", field="gateway")
+    return {
+        "base_domain": spec.gateway.base_domain,
+        "certificate": certificate,
+        "key": key,
+        "listen": f"0.0.0.0:{spec.gateway.port}",
+        "public": [
+            {"group": e["group"], "backend": e["backend"], "port": e["port"]}
+            for e in public_endpoints(plan)
+        ],
+        "txt_records": txt_records,
+    }
+
+
 def sidecar_config(
     plan: Plan,
     cvm: Cvm | str,
     coordinator_urls: list[str],
     coordinator_policy: dict[str, Any],
+    *,
+    gateway: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The sidecar configuration document of a workload (or gateway) CVM.
 
     Every CVM gets the same routes with the same VIPs; a route's ``callers`` gain ``gateway``
     when its backend is public and the cluster has a gateway. ``coordinator_urls`` are usually
     ``plan.coordinator_urls()``, and ``coordinator_policy`` ``coordinator_attest_policy(plan,
-    platform_key)``."""
+    platform_key)``. The gateway CVM's sidecar needs ``gateway`` (``gateway_settings``); with
+    ``transport: gateway`` the workloads' sidecars reach each other through it."""
     if isinstance(cvm, str):
         cvm = plan.cvm(cvm)
     if cvm.role not in ("workload", "gateway"):
@@ -144,13 +190,13 @@ def sidecar_config(
     spec = plan.spec
     group = spec.workload_groups[cvm.group] if cvm.role == "workload" else None
     planned = {r.name: r for r in plan.routes}
-    gateway = spec.gateway is not None
+    has_gateway = spec.gateway is not None
     routes = {
         name: {
             "backend": route.backend,
             "port": route.port,
             "role": route.role,
-            "callers": _list(planned[name].callers_with_gateway(gateway)),
+            "callers": _list(planned[name].callers_with_gateway(has_gateway)),
             "vip": planned[name].vip,
         }
         for name, route in sidecar_routes(spec).items()
@@ -163,7 +209,16 @@ def sidecar_config(
         }
         for name, b in (group.backends.items() if group else ())
     }
-    return {
+    extra: dict[str, Any] = {}
+    if cvm.role == "gateway":
+        if gateway is None:
+            raise InputError("the gateway CVM's sidecar needs its gateway settings", field="CVM")
+        extra["gateway"] = gateway
+    elif spec.transport == "gateway" and spec.gateway is not None:
+        way_in = plan.of_role("gateway")[0]
+        extra["via_gateway"] = {"address": f"{way_in.address}:{spec.gateway.port}",
+                                "base_domain": spec.gateway.base_domain}  # fmt: skip
+    return extra | {
         "cluster": spec.cluster,
         "group": cvm.group,
         "peer_id": cvm.name,

@@ -3,6 +3,9 @@ member of the etcd cluster their catalog lives in (``store: etcd``). Losing any 
 CVM, etcd member included, changes nothing for the workloads: calls go on, and a rebooted
 workload CVM is admitted again by the others. A coordinator CVM that comes back rejoins.
 
+The cluster also runs the gateway transport: every tunnel between sidecars passes the gateway
+in TLS passthrough, the mesh mTLS staying end to end.
+
 Needs root; the cluster comes up once for the module and is always taken down.
 """
 
@@ -23,6 +26,8 @@ cluster: ha
 tee: simulated
 network: 10.79.0.0/24
 coordinators: {count: 3, store: etcd}
+gateway: {publish: "127.0.0.1:8444"}
+transport: gateway
 workload_groups:
   api:
     command: python -m teemesh.examples.starter --port 8080
@@ -77,6 +82,26 @@ def test_every_coordinator_cvm_runs_an_etcd_member(state: Path) -> None:
                           "etcdctl", "--endpoints", "http://10.79.0.3:2379", "member", "list")  # fmt: skip
     assert member_list.returncode == 0, member_list.stderr
     assert all(f"coordinator-{i}" in member_list.stdout for i in range(3))
+
+
+def gateway_passages(state: Path) -> float:
+    """How many tunnels the gateway passed to a sidecar's ingress (its own metrics)."""
+    metrics = teemesh("exec", "gateway-0", "--state", state, "--",
+                      "curl", "-sS", "http://127.0.0.1:7001/metrics")  # fmt: skip
+    assert metrics.returncode == 0, metrics.stderr
+    for line in metrics.stdout.splitlines():
+        if line.startswith('teemesh_connections_total{direction="gateway",name="mesh"}'):
+            return float(line.rpartition(" ")[2])
+    return 0.0
+
+
+def test_tunnels_between_sidecars_pass_the_gateway(state: Path) -> None:
+    before = gateway_passages(state)
+    doc = calls(state, "api-0", "http://worker:9090/hello", n=10)
+    assert doc["errors"] == {} and len(doc["counts"]) == 2, doc
+    assert gateway_passages(state) == before + 10
+    refused = calls(state, "worker-0", "http://worker:9090/hello", n=2)  # callers: [api]
+    assert refused["counts"] == {}, refused
 
 
 def test_losing_a_coordinator_cvm_changes_nothing_for_workloads(state: Path) -> None:

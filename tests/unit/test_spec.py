@@ -16,7 +16,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from teemesh.attest.dstack import compose_hash
+from teemesh.attest.dstack import compose_hash, default_app_id
 from teemesh.attest.simulated import OsImage, PlatformKey
 from teemesh.cli import cli
 from teemesh.config import ConfigError, parse_model
@@ -24,13 +24,16 @@ from teemesh.coordinator.policy import ClusterPolicy
 from teemesh.errors import InputError
 from teemesh.sidecar.config import hosts_lines, load_sidecar_config
 from teemesh.spec import (
+    app_id,
     cluster_policy,
     command_env,
     coordinator_attest_policy,
+    gateway_settings,
     group_app_compose,
     load_spec,
     parse_spec,
     plan_cluster,
+    public_endpoints,
     sidecar_config,
     system_app_compose,
 )
@@ -445,7 +448,11 @@ def _sidecar_configs(tmp_path: Path, d: dict[str, Any]) -> dict[str, Any]:
         if cvm.role not in ("workload", "gateway"):
             continue
         path = tmp_path / f"{cvm.name}.yaml"
-        path.write_text(yaml.safe_dump(sidecar_config(plan, cvm, plan.coordinator_urls(), pin)))
+        gateway = None
+        if cvm.role == "gateway":
+            gateway = gateway_settings(plan, certificate="/tls.pem", key="/tls.key")
+        config = sidecar_config(plan, cvm, plan.coordinator_urls(), pin, gateway=gateway)
+        path.write_text(yaml.safe_dump(config))
         loaded[cvm.name] = load_sidecar_config(path)
     return loaded
 
@@ -475,6 +482,38 @@ def test_a_public_backend_admits_the_gateway_too(tmp_path: Path) -> None:
     assert configs["gateway-0"].backends == {}
     assert configs["api-1"].callers_of("api") == frozenset({"worker", "gateway"})
     assert configs["api-1"].callers_of("worker") == frozenset({"api"})
+
+
+def test_the_gateway_serves_the_public_backends_by_app_id(tmp_path: Path) -> None:
+    def change(d: dict[str, Any]) -> None:
+        d["gateway"] = {"base_domain": "apps.example"}
+        groups(d)["worker"]["backends"]["worker"]["public"] = True
+
+    plan = plan_cluster(parse_spec(doc(change)))
+    gateway = _sidecar_configs(tmp_path, doc(change))["gateway-0"].gateway
+    assert gateway is not None
+    assert (gateway.base_domain, gateway.listen) == ("apps.example", "0.0.0.0:443")
+    assert [(b.group, b.backend, b.port) for b in gateway.public] == [
+        ("api", "api", 8080), ("worker", "worker", 9090)
+    ]  # fmt: skip
+    api = app_id(plan.spec, "api")
+    assert api == default_app_id(compose_hash(group_app_compose(plan.spec, "api"))).hex()
+    assert public_endpoints(plan)[0]["host"] == f"{api}-8080.apps.example"
+    with pytest.raises(InputError, match="needs its gateway settings"):
+        sidecar_config(plan, "gateway-0", [], {})
+
+
+def test_the_gateway_transport_sends_every_sidecar_through_the_gateway(tmp_path: Path) -> None:
+    def change(d: dict[str, Any]) -> None:
+        d["gateway"] = {"port": 8443}
+        d["transport"] = "gateway"
+
+    configs = _sidecar_configs(tmp_path, doc(change))
+    via = configs["worker-2"].via_gateway
+    assert via is not None and via.base_domain == "teemesh.localhost"
+    assert via.address == f"{plan_cluster(parse_spec(doc(change))).cvm('gateway-0').address}:8443"
+    assert configs["gateway-0"].via_gateway is None  # the gateway dials instances directly
+    assert _sidecar_configs(tmp_path, doc())["worker-2"].via_gateway is None
 
 
 def test_platform_cvms_have_no_sidecar_and_no_command() -> None:

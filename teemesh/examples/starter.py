@@ -19,6 +19,7 @@ import os
 import socket
 import sys
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -76,6 +77,12 @@ class Starter:
         return 200, {"route": route, "calls": int(n_text), "counts": dict(sorted(counts.items())),
                      "errors": dict(errors)}  # fmt: skip
 
+    async def handle_method(self, method: str, target: str) -> tuple[int, Any]:
+        """Apps built on this one (``webdemo``) override this to take more than GET."""
+        if method != "GET":
+            return 405, {"error": "only GET"}
+        return await self.handle(target)
+
     async def call(self, route: str) -> Any:
         """GET /hello of ``route`` on a new connection; its JSON reply."""
         host, port = self.routes[route]
@@ -90,10 +97,7 @@ class Starter:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
             method, target, _ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
-            if method != "GET":
-                status, doc = 405, {"error": "only GET"}
-            else:
-                status, doc = await self.handle(target)
+            status, doc = await self.handle_method(method, target)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError):
             status, doc = 400, {"error": "bad request"}
         body = json.dumps(doc).encode() + b"\n"
@@ -131,8 +135,13 @@ async def http_get(host: str, port: int, path: str) -> tuple[int, bytes]:
     return int(parts[1]), body
 
 
-async def start(host: str, port: int, routes: dict[str, tuple[str, int]]) -> asyncio.Server:
-    app = Starter(routes)
+async def start(
+    host: str,
+    port: int,
+    routes: dict[str, tuple[str, int]],
+    factory: Callable[[dict[str, tuple[str, int]]], Starter] = Starter,
+) -> asyncio.Server:
+    app = factory(routes)
     return await asyncio.start_server(app.serve_client, host, port, limit=MAX_HEAD)
 
 
@@ -145,8 +154,9 @@ def parse_route(text: str) -> tuple[str, tuple[str, int]]:
     return name, (host or name, int(port))
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m teemesh.examples.starter")
+def argument_parser(prog: str) -> argparse.ArgumentParser:
+    """The options every app built on this one takes: where to listen, where routes go."""
+    parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("--host", default="127.0.0.1", help="listen address (default: loopback)")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument(
@@ -156,19 +166,31 @@ def main(argv: list[str] | None = None) -> None:
         default=[],
         help="NAME=PORT or NAME=HOST:PORT (default: api=8080, worker=9090)",
     )
-    args = parser.parse_args(argv)
-    routes = DEFAULT_ROUTES | dict(args.route)
+    return parser
+
+
+def serve(
+    name: str,
+    host: str,
+    port: int,
+    routes: dict[str, tuple[str, int]],
+    factory: Callable[[dict[str, tuple[str, int]]], Starter] = Starter,
+) -> None:
+    """Serve until interrupted."""
 
     async def run() -> None:
-        server = await start(args.host, args.port, routes)
-        print(
-            f"starter {identity()['peer_id']} serving on {args.host}:{args.port}", file=sys.stderr
-        )
+        server = await start(host, port, routes, factory)
+        print(f"{name} {identity()['peer_id']} serving on {host}:{port}", file=sys.stderr)
         async with server:
             await server.serve_forever()
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run())
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = argument_parser("python -m teemesh.examples.starter").parse_args(argv)
+    serve("starter", args.host, args.port, DEFAULT_ROUTES | dict(args.route))
 
 
 if __name__ == "__main__":

@@ -77,6 +77,10 @@ def run(
 
     try:
         config = load_sidecar_config(config_path)
+        if config.gateway is not None:  # a bad certificate or TXT file is said now, not later
+            from teemesh.gateway.listener import check_settings  # noqa: PLC0415
+
+            check_settings(config.gateway)
         if collateral:
             from teemesh.attest.dcap import CollateralStore  # noqa: PLC0415
 

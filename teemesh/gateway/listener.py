@@ -283,6 +283,13 @@ def _http_response(body: bytes) -> bytes:
     return head.encode() + body
 
 
+def check_settings(settings: GatewaySettings) -> None:
+    """What ``from_settings`` will load, loaded once now: InputError names what is wrong."""
+    server_contexts(settings)
+    if settings.txt_records is not None:
+        StaticResolver.from_file(settings.txt_records)
+
+
 def server_contexts(settings: GatewaySettings) -> dict[Mode, ssl.SSLContext]:
     """The wildcard certificate's contexts: HTTP/1.1, and ALPN h2 for ``g`` names."""
     from teemesh.net.tls import tls_context  # noqa: PLC0415

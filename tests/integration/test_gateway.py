@@ -26,7 +26,7 @@ import h2.connection
 import h2.events
 import httpx
 import pytest
-import yaml
+from dnskit import dnsmasq
 from meshkit import ROGUE_COMPOSE, WEB_COMPOSE, Mesh
 from procs import free_port
 from sidecarkit import Sidecar, mesh_policy, run_sidecar, wait_for
@@ -164,16 +164,16 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
     (tmp / "tls.pem").write_text(cert)
     (tmp / "tls.key").touch(mode=0o600)
     (tmp / "tls.key").write_text(key)
-    app_ca, (app_cert, app_key) = local_web_pki(["custom.example", "*.wild.example", f"*.{BASE}"])
+    app_ca, (app_cert, app_key) = local_web_pki(["custom.test", "*.wild.test", f"*.{BASE}"])
     (tmp / "app-ca.pem").write_text(app_ca)
     (tmp / "app.pem").write_text(app_cert + app_key)
     app_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     app_context.load_cert_chain(tmp / "app.pem")
-    (tmp / "txt.yaml").write_text(yaml.safe_dump({
-        "_dstack-app-address.custom.example": f"{APP}:{ports.tls}",
-        "_dstack-app-address-wildcard.wild.example": f"{APP}:{ports.tls}",
-        "_dstack-app-address.lost.example": f"{'cc' * 20}:{ports.tls}",
-    }))  # fmt: skip
+    records = {  # served by a real dnsmasq: the gateway looks custom domains up in DNS
+        "_dstack-app-address.custom.test": [f"{APP}:{ports.tls}"],
+        "_dstack-app-address-wildcard.wild.test": [f"{APP}:{ports.tls}"],
+        "_dstack-app-address.lost.test": [f"{'cc' * 20}:{ports.tls}"],
+    }
     public_port = free_port()
     gateway_settings = {
         "base_domain": BASE,
@@ -182,13 +182,14 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
         "listen": f"127.0.0.1:{public_port}",
         "public": [{"group": "web", "backend": b, "port": getattr(ports, b)}
                    for b in ("site", "tls", "h2")],
-        "txt_records": str(tmp / "txt.yaml"),
         "client_hello_timeout": HELLO_TIMEOUT,
     }  # fmt: skip
     web_routes = {name: {"backend": name, "port": getattr(ports, name)}
                   for name in ("site", "tls", "h2", "private")}  # fmt: skip
     web_routes["private"]["callers"] = ["web"]
     with contextlib.ExitStack() as stack:
+        dns_port = stack.enter_context(dnsmasq(tmp, records))
+        gateway_settings["nameservers"] = [f"127.0.0.1:{dns_port}"]
         for host in HOSTS.values():
             stack.enter_context(serving(http.server.ThreadingHTTPServer((host, ports.site), Hello)))
             stack.enter_context(serving(TlsHello((host, ports.tls), app_context)))
@@ -271,8 +272,8 @@ def test_an_instance_id_reaches_that_instance_only(edge: Edge) -> None:
         assert edge.get(name, "/one").endswith(b"hello from 127.0.2.2 /one\n")
 
 
-def test_a_custom_domain_is_passed_through_by_its_txt_record(edge: Edge) -> None:
-    for name in ("custom.example", "shop.wild.example"):
+def test_a_custom_domain_is_passed_through_by_its_dns_txt_record(edge: Edge) -> None:
+    for name in ("custom.test", "shop.wild.test"):
         reply = edge.get(name, "/custom", ca=edge.app_ca)
         assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"/custom\n"), (name, reply)
 
@@ -290,8 +291,8 @@ def test_the_gateway_answers_health_itself(edge: Edge) -> None:
     [
         f"{'dd' * 20}-80.{BASE}",  # no such app or instance
         "PRIVATE",  # a port that is not public (filled in below)
-        "nowhere.example",  # a custom domain without a record
-        "lost.example",  # a record naming an app that is not there
+        "nowhere.test",  # a custom domain without a record
+        "lost.test",  # a record naming an app that is not there
         f"{APP}-1-2.{BASE}",  # not dstack's rule
     ],
 )

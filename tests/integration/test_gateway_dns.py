@@ -7,17 +7,13 @@ names there are NXDOMAIN, names elsewhere REFUSED.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 
-import dns.exception
-import dns.message
-import dns.query
 import pytest
-from etcdkit import stop_process
+from dnskit import dnsmasq as run_dnsmasq
+from dnskit import free_udp_and_tcp_port
 
 from teemesh.errors import InputError, PeerError
 from teemesh.gateway.resolve import AppAddress, DnsResolver
@@ -39,56 +35,12 @@ RECORDS = {
 }
 
 
-def dnsmasq_exe() -> str:
-    exe = shutil.which("dnsmasq") or shutil.which("dnsmasq", path="/usr/sbin:/sbin")
-    if exe is None:
-        pytest.fail("dnsmasq is not installed: apt-get install dnsmasq-base (scripts/test does)")
-    return exe
-
-
-def free_udp_and_tcp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-        udp.bind(("127.0.0.1", 0))
-        port = int(udp.getsockname()[1])
-        with socket.socket() as tcp:
-            tcp.bind(("127.0.0.1", port))
-    return port
-
-
-def answers(port: int) -> bool:
-    query = dns.message.make_query("_dstack-app-address.primary.test", "TXT")
-    try:
-        reply = dns.query.udp(query, "127.0.0.1", timeout=0.2, port=port)
-    except (dns.exception.DNSException, OSError):
-        return False
-    return bool(reply.answer)
-
-
 @pytest.fixture(scope="module")
 def dnsmasq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     """A dnsmasq serving RECORDS; yields its port."""
-    port = free_udp_and_tcp_port()
-    log = tmp_path_factory.mktemp("dnsmasq") / "dnsmasq.log"
-    args = [
-        dnsmasq_exe(), "--keep-in-foreground", "--conf-file=/dev/null", "--pid-file=",
-        "--no-resolv", "--no-hosts", "--bind-interfaces", "--listen-address=127.0.0.1",
-        f"--port={port}", "--local=/test/", "--log-facility=-",
-        "--host-record=_dstack-app-address.noanswer.wild.test,127.0.0.9",
-        *(f"--txt-record={name},{','.join(values)}" for name, values in RECORDS.items()),
-    ]  # fmt: skip
-    with log.open("wb") as out:
-        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + WAIT
-        while not answers(port):
-            if process.poll() is not None:
-                pytest.fail(f"dnsmasq exited with {process.returncode}: {log.read_text()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"dnsmasq not answering after {WAIT} s: {log.read_text()}")
-            time.sleep(0.05)
+    extra = ["--host-record=_dstack-app-address.noanswer.wild.test,127.0.0.9"]
+    with run_dnsmasq(tmp_path_factory.mktemp("dnsmasq"), RECORDS, extra) as port:
         yield port
-    finally:
-        stop_process(process)
 
 
 def lookup(port: int, sni: str, **options: object) -> AppAddress | None:

@@ -7,11 +7,10 @@ re-framed and cut anywhere), ``parse_subdomain``, ``route_sni``, ``host_name`` a
 
 from __future__ import annotations
 
-import ssl
 from typing import Any
 
-import pytest
 from fuzzkit import input_error_only
+from hellokit import openssl_hello, reframe
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -30,31 +29,6 @@ from teemesh.gateway.sni import (
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FUZZ_SMALL = settings(FUZZ, max_examples=120)  # slower examples: every cut of a ClientHello
-
-
-def openssl_hello(host: str | None, alpn: list[str], tls12: bool = False) -> bytes:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    if alpn:
-        context.set_alpn_protocols(alpn)
-    if tls12:
-        context.maximum_version = ssl.TLSVersion.TLSv1_2
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = context.wrap_bio(incoming, outgoing, server_hostname=host)
-    with pytest.raises(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return outgoing.read()
-
-
-def reframe(records: bytes, size: int) -> bytes:
-    """The same handshake message in records of ``size`` bytes of payload."""
-    message, pos = b"", 0
-    while pos < len(records):
-        length = int.from_bytes(records[pos + 3 : pos + 5], "big")
-        message += records[pos + 5 : pos + 5 + length]
-        pos += 5 + length
-    chunks = [message[i : i + size] for i in range(0, len(message), size)]
-    return b"".join(b"\x16\x03\x01" + len(c).to_bytes(2, "big") + c for c in chunks)
 
 
 HELLOS = [

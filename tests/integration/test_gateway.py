@@ -15,7 +15,6 @@ import socket
 import socketserver
 import ssl
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ import pytest
 from dnskit import dnsmasq
 from meshkit import ROGUE_COMPOSE, WEB_COMPOSE, Mesh
 from procs import free_port
-from sidecarkit import Sidecar, mesh_policy, run_sidecar, wait_for
+from sidecarkit import Sidecar, mesh_policy, run_sidecar, serving, wait_for
 
 from teemesh.attest.dstack import compose_hash, default_app_id
 from teemesh.identity.certs import local_web_pki
@@ -92,17 +91,6 @@ class H2c(socketserver.BaseRequestHandler):
 class H2cServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
-
-
-@contextlib.contextmanager
-def serving(server: socketserver.BaseServer) -> Iterator[socketserver.BaseServer]:
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @dataclass

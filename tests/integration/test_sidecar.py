@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from meshkit import DB_COMPOSE, ROGUE_COMPOSE, WEB_COMPOSE, Mesh
 from procs import free_port, run_teemesh, teemesh_exe
-from sidecarkit import Sidecar, coordinator_policy, mesh_policy, run_sidecar, wait_for
+from sidecarkit import Sidecar, coordinator_policy, mesh_policy, run_sidecar, serving, wait_for
 
 from teemesh.identity.certs import cert_pem, key_pem
 
@@ -71,17 +71,6 @@ class DigestServer(socketserver.ThreadingTCPServer):
         super().__init__(address, Digest)
         self.connections = 0
         self.bytes = 0
-
-
-@contextlib.contextmanager
-def serving(server: socketserver.BaseServer) -> Iterator[socketserver.BaseServer]:
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @dataclass

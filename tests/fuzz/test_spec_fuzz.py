@@ -27,6 +27,7 @@ from teemesh.sidecar.config import load_sidecar_config
 from teemesh.spec import (
     cluster_policy,
     coordinator_attest_policy,
+    gateway_settings,
     parse_spec,
     plan_cluster,
     sidecar_config,
@@ -106,7 +107,11 @@ def check_accepted(doc: Any, tmp: Path | None = None) -> None:
     sidecars = [c for c in plan.cvms if c.role in ("workload", "gateway")]
     for cvm in sidecars[:2] if tmp else ():
         path = tmp / f"{cvm.name}.yaml"  # type: ignore[operator]
-        path.write_text(yaml.safe_dump(sidecar_config(plan, cvm, plan.coordinator_urls(), pin)))
+        gateway = None
+        if cvm.role == "gateway":
+            gateway = gateway_settings(plan, certificate="/tls.pem", key="/tls.key")
+        config = sidecar_config(plan, cvm, plan.coordinator_urls(), pin, gateway=gateway)
+        path.write_text(yaml.safe_dump(config))
         loaded = load_sidecar_config(path)
         assert loaded.vips() == {r.name: r.vip for r in plan.routes}
 

@@ -105,12 +105,12 @@ def test_what_the_local_platform_cannot_run_is_said_together() -> None:
     assert problems[1].startswith("kms: several coordinators share their CA key")
 
 
-def test_only_workload_sidecar_configs_are_secret() -> None:
+def test_only_sidecar_configs_are_secret() -> None:
     plan = plan_cluster(parse_spec(copy.deepcopy(STARTER)))
     files = launch_files(plan, STATE, "PUB")
     secret = sorted(str(p) for p, (_, is_secret) in files.items() if is_secret)
     assert secret == sorted(f"/state/cvms/{c.name}/sidecar.yaml" for c in plan.cvms
-                            if c.role == "workload")  # fmt: skip
+                            if c.role in ("workload", "gateway"))  # fmt: skip
     assert Path("/state/cluster-policy.yaml") in files
 
 

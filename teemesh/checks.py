@@ -46,10 +46,16 @@ def _address(value: str) -> str:
     return value
 
 
-def _host_port(value: str) -> str:
+def split_host_port(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` as (host, port); ValueError when it is not one."""
     host, sep, port = value.rpartition(":")
     if not sep or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return host, int(port)
+
+
+def _host_port(value: str) -> str:
+    split_host_port(value)
     return value
 
 

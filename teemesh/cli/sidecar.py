@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from teemesh.checks import split_host_port
 from teemesh.cli._options import agent_option, collateral_option
 from teemesh.cli._output import fail, grid, print_json, stderr, stdout, table
 from teemesh.errors import MeshError
@@ -102,8 +103,7 @@ def run(
 
 
 def _call(api: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    host, _, port = api.rpartition(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn = http.client.HTTPConnection(*split_host_port(api), timeout=10)
     try:
         payload = json.dumps(body) if body is not None else None
         conn.request(method, path, payload, {"Content-Type": "application/json"})

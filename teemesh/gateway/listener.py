@@ -26,6 +26,7 @@ import ssl
 from collections.abc import Coroutine
 from typing import Any, Protocol
 
+from teemesh.checks import split_host_port
 from teemesh.errors import InputError, MeshError
 from teemesh.gateway.clienthello import ClientHello, parse_client_hello
 from teemesh.gateway.resolve import DnsResolver, Resolver, StaticResolver
@@ -88,7 +89,7 @@ class GatewayListener:
         if settings.txt_records is not None:
             resolver = StaticResolver.from_file(settings.txt_records)
         else:
-            servers = [_host_port(s) for s in settings.nameservers] or None
+            servers = [split_host_port(s) for s in settings.nameservers] or None
             resolver = DnsResolver(servers)
         return cls(plane, settings, resolver, server_contexts(settings))
 
@@ -128,11 +129,13 @@ class GatewayListener:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    def _refuse(self, client: Leg, reason: str, message: str | None, alert: bool = False) -> None:
+    def _refuse(
+        self, client: TcpLeg, reason: str, message: str | None, alert: bool = False
+    ) -> None:
         self.plane.metrics.refusals.labels("gateway", reason).inc()
         if message is not None:
             log_event(log, "refused", logging.INFO, reason=reason, error=message)
-        if alert and isinstance(client, TcpLeg) and client.transport is not None:
+        if alert and client.transport is not None:
             client.transport.write(UNRECOGNIZED_NAME)
             client.close()
         else:
@@ -179,11 +182,11 @@ class GatewayListener:
     def _instances_of(self, dest: Destination) -> tuple[list[Instance], bool]:
         """The catalog entries of the instance, or else of the app, ``dest`` names; True when
         it names an instance."""
-        known = [i for i in self.plane.instances.instances.values() if i.health != "critical"]
-        found = [i for i in known if i.instance_id == dest.id]
+        live = [i for i in self.plane.instances.instances.values() if i.health != "critical"]
+        found = [i for i in live if i.instance_id == dest.id]
         if found:
             return found, True
-        found = [i for i in known if i.app_id == dest.id]
+        found = [i for i in live if i.app_id == dest.id]
         if not found:
             raise Refusal("unknown_app", f"no live app or instance {dest.id}")
         return found, False
@@ -193,9 +196,9 @@ class GatewayListener:
         if backend is None:
             raise Refusal("not_public", f"{dest.id}: port {dest.port} of {instance.group} is "
                                         "not public")  # fmt: skip
-        key = (dest.id, dest.port)
+        key = (dest.id, dest.port)  # an id's group, so the backend at a port, never changes
         target = self.targets.get(key)
-        if target is None or target.route.backend != backend:
+        if target is None:
             target = self.targets[key] = GatewayTarget(self.plane, dest, backend, by_instance)
         return target
 
@@ -309,8 +312,3 @@ def server_contexts(settings: GatewaySettings) -> dict[Mode, ssl.SSLContext]:
         raise InputError(f"cannot load the gateway certificate: {exc}",
                          field="gateway.certificate") from exc  # fmt: skip
     return contexts
-
-
-def _host_port(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    return host, int(port)

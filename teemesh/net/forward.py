@@ -14,6 +14,7 @@ import sys
 
 import uvloop
 
+from teemesh.checks import split_host_port
 from teemesh.net.relay import IdleSweeper, TcpLeg, join
 
 CONNECT_TIMEOUT = 5.0
@@ -58,10 +59,10 @@ class _Accepted(TcpLeg):
 
 
 def _host_port(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise SystemExit(f"expected HOST:PORT, got {text!r}")
-    return host, int(port)
+    try:
+        return split_host_port(text)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
 
 
 async def serve(listen: tuple[str, int], target: tuple[str, int]) -> None:

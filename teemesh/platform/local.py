@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from teemesh.attest.simulated import PlatformKey
+from teemesh.checks import split_host_port
 from teemesh.config import ConfigError
 from teemesh.errors import InputError, InternalError, MeshError
 from teemesh.fsutil import write_private
@@ -238,9 +239,8 @@ def _is_ready(process: ProcessSpec) -> bool:
         finally:
             conn.close()
     if process.ready_tcp:
-        host, _, port = process.ready_tcp.rpartition(":")
         try:
-            with socket.create_connection((host, int(port)), timeout=0.5):
+            with socket.create_connection(split_host_port(process.ready_tcp), timeout=0.5):
                 return True
         except OSError:
             return False
@@ -281,8 +281,7 @@ def _status_in_cvm(record: Launch, cvm: CvmLaunch) -> tuple[dict[str, Any] | Non
 def _get_status(namespace: str, api: str) -> tuple[dict[str, Any] | None, str]:
     try:
         _join_netns(namespace)
-        host, _, port = api.rpartition(":")
-        conn = http.client.HTTPConnection(host, int(port), timeout=2)
+        conn = http.client.HTTPConnection(*split_host_port(api), timeout=2)
         try:
             conn.request("GET", "/v1/status")
             reply = conn.getresponse()

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict
 
 from teemesh.attest.dstack import compose_hash
+from teemesh.checks import split_host_port
 from teemesh.errors import InputError
 from teemesh.spec import (
     Cvm,
@@ -250,7 +251,7 @@ def _public_urls(plan: Plan) -> list[str]:
     gateway = plan.spec.gateway
     if gateway is None:
         return []
-    port = gateway.publish.rpartition(":")[2]
+    port = split_host_port(gateway.publish)[1]
     return [f"https://{e['host']}:{port}/" for e in public_endpoints(plan)]
 
 

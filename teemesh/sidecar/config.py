@@ -15,7 +15,17 @@ from typing import Annotated, Any, Literal
 
 from annotated_types import Ge, Le, MaxLen, MinLen
 
-from teemesh.checks import STRICT, Address, Check, Domain, HostPort, Label, Loopback, Port
+from teemesh.checks import (
+    STRICT,
+    Address,
+    Check,
+    Domain,
+    HostPort,
+    Label,
+    Loopback,
+    Port,
+    split_host_port,
+)
 from teemesh.errors import InputError
 from teemesh.net.tls import https_target
 
@@ -152,7 +162,7 @@ class SidecarConfig:
 
     @property
     def ingress_port(self) -> int:
-        return int(self.ingress.rpartition(":")[2])
+        return split_host_port(self.ingress)[1]
 
     def vips(self) -> dict[str, str]:
         return route_vips(self.routes)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from teemesh.checks import split_host_port
 from teemesh.errors import MeshError, PeerError
 from teemesh.identity.svid import SvidIdentity
 from teemesh.logs import log_event
@@ -213,8 +214,8 @@ def _way_to(plane: Plane, instance: Instance) -> tuple[str, int, str | None]:
         return instance.address, instance.port, None
     if instance.instance_id is None:
         raise PeerError(f"{instance.key} has no instance id for the gateway to route by")
-    host, _, port = via.address.rpartition(":")
-    return host, int(port), f"{instance.instance_id}-{instance.port}s.{via.base_domain}"
+    host, port = split_host_port(via.address)
+    return host, port, f"{instance.instance_id}-{instance.port}s.{via.base_domain}"
 
 
 class AcceptedLeg(TcpLeg):

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, get_args
 
-from teemesh.checks import Health
+from teemesh.checks import Health, split_host_port
 from teemesh.coordinator.catalog_client import CatalogClient
 from teemesh.encoding import DNS_LABEL
 from teemesh.errors import InputError, MeshError
@@ -72,8 +72,7 @@ class Sidecar:
     async def start(self) -> None:
         """Returns once the sidecar serves: admitted, catalog loaded, listeners open."""
         config = self.config
-        host, _, port = config.api.rpartition(":")
-        self.api_server = await api.serve_api(host, int(port), self.handle_api)
+        self.api_server = await api.serve_api(*split_host_port(config.api), self.handle_api)
         self._spawn(self.admission.run())
         await self.admission.admitted.wait()
         svid = self.admission.svid
@@ -93,9 +92,9 @@ class Sidecar:
         await self._revocations_loaded.wait()
         await self._instances_loaded.wait()
         loop = asyncio.get_running_loop()
-        host, _, port = config.ingress.rpartition(":")
+        host, port = split_host_port(config.ingress)
         self.servers.append(
-            await loop.create_server(IngressListener(self.plane), host, int(port), backlog=1024)
+            await loop.create_server(IngressListener(self.plane), host, port, backlog=1024)
         )
         for name, vip in config.vips().items():
             route = config.routes[name]
@@ -106,8 +105,8 @@ class Sidecar:
             from teemesh.gateway.listener import GatewayListener  # noqa: PLC0415
 
             public = GatewayListener.from_settings(self.plane, config.gateway)
-            host, _, port = config.gateway.listen.rpartition(":")
-            self.servers.append(await loop.create_server(public, host, int(port), backlog=1024))
+            host, port = split_host_port(config.gateway.listen)
+            self.servers.append(await loop.create_server(public, host, port, backlog=1024))
         if self.hosts_file is not None:
             write_hosts(self.hosts_file, hosts_lines(config))
         self.registrar = Registrar(config, self.catalog, self.metrics)

@@ -11,8 +11,6 @@ import itertools
 import json
 import signal
 import socket
-import socketserver
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -76,18 +74,6 @@ class Sidecar:
 
     def terminate(self) -> None:
         self.proc.process.send_signal(signal.SIGTERM)
-
-
-@contextlib.contextmanager
-def serving(server: socketserver.BaseServer) -> Iterator[socketserver.BaseServer]:
-    """``server`` answering from a thread until the block ends."""
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def coordinator_policy() -> dict[str, Any]:

@@ -28,7 +28,8 @@ import pytest
 from dnskit import dnsmasq
 from meshkit import ROGUE_COMPOSE, WEB_COMPOSE, Mesh
 from procs import free_port
-from sidecarkit import Sidecar, mesh_policy, run_sidecar, serving, wait_for
+from serverkit import Hello, serving
+from sidecarkit import Sidecar, mesh_policy, run_sidecar, wait_for
 
 from teemesh.attest.dstack import compose_hash, default_app_id
 from teemesh.identity.certs import local_web_pki
@@ -41,20 +42,6 @@ HOSTS = {"web-0": "127.0.2.1", "web-1": "127.0.2.2"}
 INSTANCE_IDS = {"web-0": "aa" * 20, "web-1": "bb" * 20}
 APP = default_app_id(compose_hash(WEB_COMPOSE)).hex()
 HELLO_TIMEOUT = 2.0
-
-
-class Hello(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:
-        body = f"hello from {self.server.server_address[0]} {self.path}\n".encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
 
 
 class TlsHello(http.server.ThreadingHTTPServer):
@@ -118,8 +105,7 @@ class Edge:
         return f"{ident}-{port}{suffix}.{BASE}"
 
     def client_context(self, ca: Path | None = None) -> ssl.SSLContext:
-        context = ssl.create_default_context(cafile=str(ca or self.ca))
-        return context
+        return ssl.create_default_context(cafile=str(ca or self.ca))
 
     def get(self, server_name: str, path: str = "/", ca: Path | None = None) -> bytes:
         """GET over TLS to the gateway, naming ``server_name``; the whole reply."""

@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 from meshkit import DB_COMPOSE, ROGUE_COMPOSE, WEB_COMPOSE, Mesh
 from procs import free_port, run_teemesh, teemesh_exe
-from sidecarkit import Sidecar, coordinator_policy, mesh_policy, run_sidecar, serving, wait_for
+from serverkit import Hello, serving
+from sidecarkit import Sidecar, coordinator_policy, mesh_policy, run_sidecar, wait_for
 
 from teemesh.identity.certs import cert_pem, key_pem
 
@@ -34,20 +35,6 @@ pytestmark = pytest.mark.integration
 
 HOSTS = {"db-0": "127.0.1.1", "db-1": "127.0.1.2"}
 CHUNK = os.urandom(1024 * 1024)
-
-
-class Hello(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:
-        body = f"hello from {self.server.server_address[0]} {self.path}\n".encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
 
 
 class Digest(socketserver.BaseRequestHandler):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import socket
 import socketserver
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from serverkit import serving
 
 from teemesh.errors import PeerError
 from teemesh.platform.agent_client import AgentClient, default_endpoint
@@ -58,13 +58,8 @@ def _echo(path: str, body: bytes) -> Reply:
 def _serve(server: Any, reply: Any = _echo) -> Iterator[Any]:
     server.seen = []
     server.reply = reply
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
+    with serving(server, poll=0.05):
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture

@@ -1,0 +1,42 @@
+"""Test servers in a thread: ``serving(server)`` answers until the block ends."""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import socketserver
+import threading
+from collections.abc import Iterator
+from typing import TypeVar
+
+S = TypeVar("S", bound=socketserver.BaseServer)
+
+
+@contextlib.contextmanager
+def serving(server: S, poll: float = 0.5) -> Iterator[S]:
+    """``server`` answering from a thread (checking for shutdown every ``poll`` s) until the
+    block ends; then shut down and closed."""
+    thread = threading.Thread(target=server.serve_forever, args=(poll,), daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class Hello(http.server.BaseHTTPRequestHandler):
+    """HTTP/1.1 GET: ``hello from <the address it serves on> <path>``, so a reply names the
+    instance that answered."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        body = f"hello from {self.server.server_address[0]} {self.path}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass

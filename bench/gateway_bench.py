@@ -25,12 +25,13 @@ Workloads: keep-alive (``--connections`` HTTP/1.1 connections kept alive: req/s,
 new connections (``Connection: close``: every request a new TCP connection and a full TLS 1.3
 handshake, wrk does not resume sessions). CPU per request: utime+stime of the proxy processes
 (from /proc) over the measurement. Needs ``haproxy`` and ``wrk`` (run here by PID, no service).
-Reuses sidecar_bench's backend, CPU watch and quiet wait.
+Reuses sidecar_bench's backend, sidecar configuration, CPU watch and quiet wait.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -41,14 +42,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from _harness import (
-    COORDINATOR_COMPOSE,
     GROUP,
     OS_IMAGE,
     WEB_COMPOSE,
@@ -63,11 +63,13 @@ from rich.table import Table
 from sidecar_bench import (
     WRK_SCRIPT,
     Watch,
+    _num,
     api_healthy,
     haproxy_global,
     haproxy_http_backend,
     kms_appkeys,
     port_open,
+    sidecar_config,
     sidecar_metrics,
     wait_quiet,
 )
@@ -130,28 +132,6 @@ def write_certificate(folder: Path) -> tuple[Path, Path, Path]:
     return paths
 
 
-def sidecar_yaml(
-    folder: Path, name: str, coordinator: str, *, backends: dict[str, Any],
-    gateway: dict[str, Any] | None = None,
-) -> tuple[Path, str]:  # fmt: skip
-    """A sidecar configuration in the bench's group; returns its path and its API address."""
-    api = f"{LOOPBACK}:{free_port()}"
-    config: dict[str, Any] = {
-        "cluster": "bench", "group": GROUP, "peer_id": name, "coordinators": [coordinator],
-        "coordinator_policy": {
-            "tee": "simulated", "platform_key": "platform.pub",
-            "compose_hashes": [compose_hash(COORDINATOR_COMPOSE).hex()],
-        },
-        "address": LOOPBACK, "ingress": f"{LOOPBACK}:{free_port()}", "api": api,
-        "backends": backends, "routes": {},
-    }  # fmt: skip
-    if gateway is not None:
-        config["gateway"] = gateway
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path, api
-
-
 def start_sidecar(
     procs: Processes, folder: Path, name: str, coordinator: str, *,
     backends: dict[str, Any], gateway: dict[str, Any] | None = None,
@@ -166,22 +146,32 @@ def start_sidecar(
         "--app-keys", str(folder / f"{name}-appkeys.json"),
     ]  # fmt: skip
     procs.start(f"{name} agent", agent_args, folder / f"{name}-agent.log", sock.exists)
-    path, api = sidecar_yaml(folder, name, coordinator, backends=backends, gateway=gateway)
+    path, api = sidecar_config(folder, name, coordinator, backends=backends, routes={})
+    if gateway is not None:  # sidecar_bench's configuration, plus the public listener
+        path.write_text(yaml.safe_dump(yaml.safe_load(path.read_text()) | {"gateway": gateway}))
     args = ["sidecar", "run", "--config", str(path), "--agent", str(sock),
             "--state", str(folder / f"{name}-state")]  # fmt: skip
     pid = procs.start(f"{name} sidecar", args, folder / f"{name}-sidecar.log", api_healthy(api))
     return pid, api
 
 
-def https_get(port: int, name: str) -> bytes:
-    """One GET over TLS to 127.0.0.1:``port`` naming ``name`` (SNI and Host); the reply."""
+@contextlib.contextmanager
+def tls_connection(port: int, name: str) -> Iterator[ssl.SSLSocket]:
+    """A TLS connection to 127.0.0.1:``port`` with ``name`` as SNI, as a default OpenSSL client
+    makes it, but the certificate unchecked: our own loopback one (only reachability counts)."""
     context = ssl.create_default_context()
     context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE  # our own loopback certificate; only reachability
+    context.verify_mode = ssl.CERT_NONE
     with (
         socket.create_connection((LOOPBACK, port), timeout=5) as raw,
         context.wrap_socket(raw, server_hostname=name) as tls,
     ):
+        yield tls
+
+
+def https_get(port: int, name: str) -> bytes:
+    """One GET over TLS to 127.0.0.1:``port`` naming ``name`` (SNI and Host); the reply."""
+    with tls_connection(port, name) as tls:
         tls.sendall(f"GET / HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n".encode())
         reply = b""
         while chunk := tls.recv(65536):
@@ -191,13 +181,7 @@ def https_get(port: int, name: str) -> bytes:
 
 def tls_parameters(port: int, name: str) -> dict[str, Any]:
     """What a default OpenSSL client negotiates with the proxy: version, cipher, key bits."""
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE  # our own loopback certificate
-    with (
-        socket.create_connection((LOOPBACK, port), timeout=5) as raw,
-        context.wrap_socket(raw, server_hostname=name) as tls,
-    ):
+    with tls_connection(port, name) as tls:
         cipher, _, bits = tls.cipher() or ("?", "", 0)
         return {"version": tls.version(), "cipher": cipher, "bits": bits}
 
@@ -396,10 +380,6 @@ def warnings_in_logs(tmp: Path) -> dict[str, list[str]]:
 
 # ---------------------------------------------------------------------------------------------
 # output
-
-
-def _num(value: float | None, digits: int = 0) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"
 
 
 def _ratio(a: float | None, b: float | None) -> str | None:

@@ -48,7 +48,9 @@ from typing import Any
 
 import yaml
 
+from teemesh.checks import split_host_port
 from teemesh.errors import InputError, MeshError
+from teemesh.fsutil import write_private
 from teemesh.platform.agent_client import AgentClient
 
 SECRET_PATHS = {
@@ -223,18 +225,9 @@ def find_bin_dir(root: Path = DEBIAN_PG) -> str:
 # -- I/O edge -------------------------------------------------------------------------------------
 
 
-def write_private(path: Path, text: str) -> None:
-    """Write ``text`` readable by its owner only, from the first byte on."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(text)
-    os.chmod(path, 0o600)
-
-
 def http_json(address: str, method: str, path: str, doc: Any = None) -> tuple[int, Any]:
     """One request to ``HOST:PORT`` (no proxies: everything here is on loopback)."""
-    host, _, port = address.rpartition(":")
-    conn = http.client.HTTPConnection(host or "127.0.0.1", int(port), timeout=HTTP_TIMEOUT)
+    conn = http.client.HTTPConnection(*split_host_port(address), timeout=HTTP_TIMEOUT)
     try:
         body = None if doc is None else json.dumps(doc).encode()
         conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
@@ -289,14 +282,18 @@ def log(message: str) -> None:
     print(f"patroni_member: {message}", file=sys.stderr, flush=True)
 
 
+def userns(user: pwd.struct_passwd) -> list[str]:
+    """``unshare`` mapping ``user`` onto root in a new user namespace; the command follows."""
+    return ["unshare", "--user", f"--map-user={user.pw_uid}", f"--map-group={user.pw_gid}"]
+
+
 def runner(mode: str) -> str:
     """``self`` when not root; as root, ``userns`` when user namespaces work, else ``postgres``."""
     if mode != "auto":
         return mode
     if os.geteuid() != 0:
         return "self"
-    user = pwd.getpwnam("postgres")
-    probe = ["unshare", "--user", f"--map-user={user.pw_uid}", f"--map-group={user.pw_gid}", "true"]
+    probe = [*userns(pwd.getpwnam("postgres")), "true"]
     try:
         ok = subprocess.run(probe, capture_output=True, timeout=10, check=False).returncode == 0
     except OSError:
@@ -310,8 +307,7 @@ def start_patroni(config: Path, run_as: str) -> subprocess.Popen[bytes]:
         return subprocess.Popen(argv)
     user = pwd.getpwnam("postgres")
     if run_as == "userns":
-        return subprocess.Popen(["unshare", "--user", f"--map-user={user.pw_uid}",
-                                 f"--map-group={user.pw_gid}", "--", *argv])  # fmt: skip
+        return subprocess.Popen([*userns(user), "--", *argv])
     for folder, _, files in os.walk(config.parent):
         for name in (folder, *(os.path.join(folder, f) for f in files)):
             os.chown(name, user.pw_uid, user.pw_gid)
@@ -341,6 +337,16 @@ def post_bootstrap(argv: list[str]) -> int:
     return 0
 
 
+def sidecar_api(text: str) -> str:
+    """``HOST:PORT``, or the ``http://HOST:PORT`` URL the platform sets TEEMESH_SIDECAR_API to."""
+    address = text.removeprefix("http://").rstrip("/")
+    try:
+        split_host_port(address)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return address
+
+
 def arguments(argv: list[str] | None) -> argparse.Namespace:
     env = os.environ.get
     p = argparse.ArgumentParser(prog="python -m teemesh.examples.patroni_member")
@@ -355,22 +361,23 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--name", default=env("TEEMESH_PEER_ID"), help="member name (TEEMESH_PEER_ID)")
     p.add_argument("--etcd", action="append", help="etcd HOST:PORT (repeatable; default etcd:2379)")
-    p.add_argument("--rest-port", type=int, default=8008)
+    p.add_argument("--rest-port", type=int, default=MemberConfig.rest_port)
     p.add_argument("--rest-connect-address", help="how other members reach our REST API")
-    p.add_argument("--pg-port", type=int, default=5432)
+    p.add_argument("--pg-port", type=int, default=MemberConfig.pg_port)
     p.add_argument(
         "--connect-address",
-        default="postgres-master:5432",
-        help="how replicas reach the leader (default: the mesh route)",
+        default=MemberConfig.connect_address,
+        help="how replicas reach the leader (default: the mesh route postgres-master:5432)",
     )
-    p.add_argument("--ttl", type=int, default=20)
-    p.add_argument("--loop-wait", type=int, default=2)
-    p.add_argument("--retry-timeout", type=int, default=5)
+    p.add_argument("--ttl", type=int, default=MemberConfig.ttl)
+    p.add_argument("--loop-wait", type=int, default=MemberConfig.loop_wait)
+    p.add_argument("--retry-timeout", type=int, default=MemberConfig.retry_timeout)
     p.add_argument("--bin-dir", help="PostgreSQL binaries (default: Debian's PostgreSQL 15)")
     p.add_argument(
         "--sidecar-api",
+        type=sidecar_api,
         default=env("TEEMESH_SIDECAR_API", "127.0.0.1:7001"),
-        help="the sidecar's local API HOST:PORT (TEEMESH_SIDECAR_API)",
+        help="the sidecar's local API, HOST:PORT or http://HOST:PORT (TEEMESH_SIDECAR_API)",
     )
     p.add_argument("--backend", default="postgres", help="our backend's name in the spec")
     p.add_argument("--agent", help="guest agent endpoint (default: DSTACK_SIMULATOR_ENDPOINT)")
@@ -386,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = MemberConfig(
             cluster=args.cluster or "", name=args.name or "", state=args.state.resolve(),
-            bin_dir=args.bin_dir or find_bin_dir(), etcd_hosts=tuple(args.etcd or ["etcd:2379"]),
+            bin_dir=args.bin_dir or find_bin_dir(),
+            etcd_hosts=tuple(args.etcd or MemberConfig.etcd_hosts),
             rest_port=args.rest_port, rest_connect_address=args.rest_connect_address,
             pg_port=args.pg_port, connect_address=args.connect_address, ttl=args.ttl,
             loop_wait=args.loop_wait, retry_timeout=args.retry_timeout,
@@ -401,11 +409,12 @@ def main(argv: list[str] | None = None) -> int:
     os.chmod(cfg.state, 0o700)
     hook = shlex.join([sys.executable, "-m", "teemesh.examples.patroni_member",
                        "post-bootstrap", str(cfg.state)])  # fmt: skip
-    write_private(cfg.state / "app-password", secrets.app)
-    write_private(cfg.state / "app.json", json.dumps({"user": cfg.app_user,
-                                                      "database": cfg.app_database}))  # fmt: skip
+    write_private(cfg.state / "app-password", secrets.app.encode())
+    app = {"user": cfg.app_user, "database": cfg.app_database}
+    write_private(cfg.state / "app.json", json.dumps(app).encode())
     config = cfg.state / "patroni.yml"
-    write_private(config, yaml.safe_dump(render_config(cfg, secrets, hook), sort_keys=False))
+    document = yaml.safe_dump(render_config(cfg, secrets, hook), sort_keys=False)
+    write_private(config, document.encode())
     log(f"member {cfg.name} of {cfg.cluster}: Patroni as {run_as}, REST 127.0.0.1:{cfg.rest_port}")
     return supervise(start_patroni(config, run_as), RoleWatcher(
         f"127.0.0.1:{cfg.rest_port}", args.sidecar_api, args.backend))  # fmt: skip

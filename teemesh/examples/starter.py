@@ -113,6 +113,10 @@ class Starter:
             await writer.wait_closed()
 
 
+AppFactory = Callable[[dict[str, tuple[str, int]]], Starter]
+"""Makes the app from its routes: :class:`Starter`, or an app built on it (``webdemo``)."""
+
+
 async def http_get(host: str, port: int, path: str) -> tuple[int, bytes]:
     """A one-shot HTTP/1.1 GET: (status, body)."""
     reader, writer = await asyncio.open_connection(host, port)
@@ -136,10 +140,7 @@ async def http_get(host: str, port: int, path: str) -> tuple[int, bytes]:
 
 
 async def start(
-    host: str,
-    port: int,
-    routes: dict[str, tuple[str, int]],
-    factory: Callable[[dict[str, tuple[str, int]]], Starter] = Starter,
+    host: str, port: int, routes: dict[str, tuple[str, int]], factory: AppFactory = Starter
 ) -> asyncio.Server:
     app = factory(routes)
     return await asyncio.start_server(app.serve_client, host, port, limit=MAX_HEAD)
@@ -174,7 +175,7 @@ def serve(
     host: str,
     port: int,
     routes: dict[str, tuple[str, int]],
-    factory: Callable[[dict[str, tuple[str, int]]], Starter] = Starter,
+    factory: AppFactory = Starter,
 ) -> None:
     """Serve until interrupted."""
 

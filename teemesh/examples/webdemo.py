@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 import psycopg
 
+from teemesh.checks import split_host_port
 from teemesh.errors import MeshError
 from teemesh.examples import starter
 from teemesh.examples.patroni_member import MEMBER_SETTING, derive_password
@@ -130,10 +131,10 @@ def _where(where: tuple[str, int]) -> str:
 
 
 def _address(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return host, int(port)
+    try:
+        return split_host_port(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import http.server
 import importlib.util
 import json
@@ -19,10 +20,9 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ import pytest
 from conftest import vector_path
 from etcdkit import etcd_cluster, free_ports
 from procs import free_port, started
+from serverkit import serving
 
 from teemesh.examples import patroni_member, starter, webdemo
 from teemesh.platform.agent_client import AgentClient
@@ -95,12 +96,12 @@ class Member:
     sidecar: Recorder
     process: subprocess.Popen[bytes]
     log: Path
-    killed: bool = field(default=False)
+    killed: bool = False
 
     def status(self) -> dict[str, Any] | None:
         try:
             return patroni_member.http_json(f"127.0.0.1:{self.rest_port}", "GET", "/patroni")[1]
-        except (OSError, ValueError):
+        except (OSError, ValueError, http.client.HTTPException):
             return None
 
     def patroni_pid(self) -> int:
@@ -153,11 +154,11 @@ class Cluster:
                                password=self.password, autocommit=True, connect_timeout=5)  # fmt: skip
 
 
-def _start_member(tmp: Path, name: str, etcd: str, agent: Path, bin_dir: str) -> Member:
+def _start_member(
+    tmp: Path, name: str, etcd: str, agent: Path, bin_dir: str, sidecar: Recorder
+) -> Member:
     pg_port, rest_port = free_ports(2)
     state, log = tmp / name, tmp / f"{name}.log"
-    sidecar = Recorder()
-    threading.Thread(target=sidecar.serve_forever, args=(0.05,), daemon=True).start()
     argv = [
         sys.executable, "-m", "teemesh.examples.patroni_member", "--state", str(state),
         "--etcd", etcd, "--pg-port", str(pg_port), "--rest-port", str(rest_port),
@@ -185,8 +186,6 @@ def _stop_member(member: Member) -> None:
     if postmaster is not None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(os.getpgid(postmaster), signal.SIGKILL)
-    member.sidecar.shutdown()
-    member.sidecar.server_close()
     shutil.rmtree(member.state, ignore_errors=True)
 
 
@@ -207,8 +206,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             stack.enter_context(started(args, tmp / f"agent-{n}.log", sock.exists))
             with AgentClient(str(sock)) as agent:
                 passwords.add(patroni_member.derive_password(agent, "app", CLUSTER))
+            sidecar = Recorder()
+            stack.enter_context(serving(sidecar, poll=0.05))  # stops after the member, which posts
             member = _start_member(tmp, f"postgres-{n}", etcd.url.removeprefix("http://"), sock,
-                                   bin_dir)  # fmt: skip
+                                   bin_dir, sidecar)  # fmt: skip
             members.append(member)
             stack.callback(_stop_member, member)
         assert len(passwords) == 1, "one app, one set of keys: every member derives the same"
@@ -356,6 +357,5 @@ def test_failover_promotes_the_sync_standby_and_the_route_follows(cluster: Clust
         conn.execute("INSERT INTO writes (writer) VALUES ('after failover')")
 
     other = next(m for m in replicas if m is not new_leader)
-    cluster.wait("the other replica streaming from the new leader",
-                 lambda: cluster.formed() and True, timeout=30)  # fmt: skip
+    cluster.wait("the other replica streaming from the new leader", cluster.formed, timeout=30)
     assert other.sidecar.last() == {"role": "replica", "health": "passing"}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import threading
+import argparse
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +152,15 @@ def test_watcher_posts_only_changes_and_retries_failures(monkeypatch: pytest.Mon
     assert watcher.post(master) is True  # no change: nothing sent
     assert watcher.post({"role": None, "health": "critical"}) is True
     assert sent == [master, master, {"role": None, "health": "critical"}]
-    assert isinstance(watcher.stopping, threading.Event)
+
+
+def test_the_sidecar_api_is_the_platforms_url_or_host_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEEMESH_SIDECAR_API", "http://127.0.0.1:7001")  # as spec/render sets it
+    assert pm.arguments([]).sidecar_api == "127.0.0.1:7001"
+    assert pm.arguments(["--sidecar-api", "127.0.0.2:7002"]).sidecar_api == "127.0.0.2:7002"
+    for bad in ("7001", "http://127.0.0.1", "127.0.0.1:port"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected HOST:PORT"):
+            pm.sidecar_api(bad)
 
 
 def test_bin_dir_prefers_postgresql_15_then_the_newest(

@@ -261,6 +261,12 @@ def _kill(state: Path, cvm: str) -> None:
     vmm.kill(state, cvm)
 
 
+def _crash(state: Path, cvm: str) -> None:
+    from teemesh.platform import vmm  # noqa: PLC0415
+
+    vmm.kill(state, cvm, hard=True)
+
+
 def _restart(state: Path, cvm: str) -> None:
     from teemesh.platform import local  # noqa: PLC0415
 
@@ -280,6 +286,9 @@ def _resume(state: Path, cvm: str) -> None:
 
 
 _cvm_command("kill", "Stop every process of a CVM (SIGTERM, then SIGKILL).", _kill, "killed")
+_cvm_command(
+    "crash", "Power a CVM off: SIGKILL to every process, none cleans up.", _crash, "crashed"
+)
 _cvm_command("restart", "Kill a CVM's processes and start them again.", _restart, "restarted")
 _cvm_command("pause", "Freeze every process of a CVM (SIGSTOP).", _pause, "paused")
 _cvm_command("resume", "Let a paused CVM run again (SIGCONT).", _resume, "resumed")

@@ -2,7 +2,7 @@
 
 ``python -m teemesh.examples.patroni_member --state /var/lib/patroni`` does, in order:
 
-1. derives the superuser, replication and app passwords inside the TEE (guest agent ``GetKey``,
+1. derives the superuser and replication passwords inside the TEE (guest agent ``GetKey``,
    one path each, purpose = cluster name): every replica of the group is the same app, so all
    derive the same bytes and nothing secret is in the spec, argv or logs;
 2. writes ``STATE/patroni.yml`` (0600) and runs Patroni on it as a child;
@@ -23,9 +23,15 @@ needs a chown; ``--run-as postgres`` switches user and chowns the state folder i
 teemesh must then be readable by that user).
 
 When Patroni exits, the backend is reported critical with no role before this process exits with
-Patroni's status: a postmaster Patroni left behind is then unreachable through the mesh. The app
-password goes to ``STATE/app-password`` (0600) for the post_bootstrap hook, which creates the app
-user, its database and the demo table on the member that ran initdb.
+Patroni's status: a postmaster Patroni left behind is then unreachable through the mesh.
+
+The app user (``demo``) has no password: other apps cannot derive this app's keys, so a shared
+password would have to travel to them somehow, and the mesh already says who they are. Every
+connection the mesh delivers comes from loopback, after the serving sidecar has checked the
+caller's attested group against the route's ``callers``; pg_hba trusts the app user there and
+asks every other user (the superuser, the replication user) for its derived password. The
+post_bootstrap hook creates the app user, its database and the demo table on the member that ran
+initdb.
 """
 
 from __future__ import annotations
@@ -56,7 +62,6 @@ from teemesh.platform.agent_client import AgentClient
 SECRET_PATHS = {
     "superuser": "patroni/superuser",
     "replication": "patroni/replication",
-    "app": "patroni/app",
 }
 """GetKey paths of the cluster's passwords; the purpose is the cluster name."""
 ROLE_TAGS = {
@@ -112,11 +117,10 @@ class Passwords:
 
     superuser: str = field(repr=False)
     replication: str = field(repr=False)
-    app: str = field(repr=False)
 
 
 def derive_password(agent: AgentClient, name: str, cluster: str) -> str:
-    """The ``name`` password (superuser, replication, app) of ``cluster``: the same in every
+    """The ``name`` password (superuser, replication) of ``cluster``: the same in every
     replica of the app, because GetKey is rooted in the app id."""
     return agent.get_key(SECRET_PATHS[name], cluster).hex()
 
@@ -134,7 +138,8 @@ def render_config(cfg: MemberConfig, secrets: Passwords, post_bootstrap: str) ->
         "name": cfg.name,
         "log": {"level": "INFO"},
         "restapi": {"listen": rest, "connect_address": cfg.rest_connect_address or rest},
-        "etcd3": {"hosts": list(cfg.etcd_hosts)},
+        # mesh routes, not members: no discovery of the members' own (unreachable) addresses
+        "etcd3": {"hosts": list(cfg.etcd_hosts), "use_proxies": True},
         "bootstrap": {
             "dcs": {
                 "ttl": cfg.ttl,
@@ -179,6 +184,8 @@ def render_config(cfg: MemberConfig, secrets: Passwords, post_bootstrap: str) ->
             },
             "pg_hba": [
                 f"host replication replicator {loopback} md5",
+                # the mesh authenticated the caller (see the module's docstring)
+                f"host {cfg.app_database} {cfg.app_user} {loopback} trust",
                 f"host all all {loopback} md5",
             ],
         },
@@ -278,6 +285,26 @@ class RoleWatcher:
             self.stopping.wait(POLL_INTERVAL)
 
 
+def wait_for_dcs(hosts: tuple[str, ...]) -> None:
+    """Return once an etcd host answers ``GET /version``. Patroni exits when it cannot reach its
+    DCS at start, and the mesh route to it comes up with the sidecar, after this process starts."""
+    said = None
+    while True:
+        for host in hosts:
+            try:
+                code, _ = http_json(host, "GET", "/version")
+            except (OSError, ValueError, http.client.HTTPException) as exc:
+                problem = f"{host}: {exc}"
+            else:
+                if code == 200:
+                    return
+                problem = f"{host}: HTTP {code}"
+        if problem != said:
+            log(f"waiting for the DCS ({problem})")
+            said = problem
+        time.sleep(POLL_INTERVAL)
+
+
 def log(message: str) -> None:
     print(f"patroni_member: {message}", file=sys.stderr, flush=True)
 
@@ -323,12 +350,9 @@ def post_bootstrap(argv: list[str]) -> int:
 
     state, dsn = Path(argv[0]), argv[1]
     app = json.loads((state / "app.json").read_text())
-    password = (state / "app-password").read_text()
     user, database = sql.Identifier(app["user"]), sql.Identifier(app["database"])
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(user, sql.Literal(password))
-        )
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(user))
         conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(database, user))
     with psycopg.connect(dsn, dbname=app["database"], autocommit=True) as conn:
         conn.execute(sql.SQL(
@@ -350,11 +374,13 @@ def sidecar_api(text: str) -> str:
 def arguments(argv: list[str] | None) -> argparse.Namespace:
     env = os.environ.get
     p = argparse.ArgumentParser(prog="python -m teemesh.examples.patroni_member")
+    data = env("TEEMESH_DATA_DIR")
     p.add_argument(
         "--state",
         type=Path,
-        default=Path("/var/lib/patroni"),
-        help="folder for patroni.yml, pgpass and the data directory",
+        default=Path(data) / "patroni" if data else Path("/var/lib/patroni"),
+        help="folder for patroni.yml, pgpass and the data directory "
+        "(default: TEEMESH_DATA_DIR/patroni, else /var/lib/patroni)",
     )
     p.add_argument(
         "--cluster", default=env("TEEMESH_CLUSTER"), help="Patroni scope (TEEMESH_CLUSTER)"
@@ -409,12 +435,12 @@ def main(argv: list[str] | None = None) -> int:
     os.chmod(cfg.state, 0o700)
     hook = shlex.join([sys.executable, "-m", "teemesh.examples.patroni_member",
                        "post-bootstrap", str(cfg.state)])  # fmt: skip
-    write_private(cfg.state / "app-password", secrets.app.encode())
     app = {"user": cfg.app_user, "database": cfg.app_database}
     write_private(cfg.state / "app.json", json.dumps(app).encode())
     config = cfg.state / "patroni.yml"
     document = yaml.safe_dump(render_config(cfg, secrets, hook), sort_keys=False)
     write_private(config, document.encode())
+    wait_for_dcs(cfg.etcd_hosts)
     log(f"member {cfg.name} of {cfg.cluster}: Patroni as {run_as}, REST 127.0.0.1:{cfg.rest_port}")
     return supervise(start_patroni(config, run_as), RoleWatcher(
         f"127.0.0.1:{cfg.rest_port}", args.sidecar_api, args.backend))  # fmt: skip

@@ -1,34 +1,34 @@
 """The Patroni demo's web app: the starter's /hello and /all, plus writes and reads through the
 mesh's role routes.
 
-    POST /db/write    insert a row through postgres-master:5432; {"id": ...}
+    POST /db/write    insert a row through postgres-master:5432; {"id": ..., "member": ...}
+                      (``?tag=T`` stores T with the row, so a client can find its writes)
     GET  /db/read     count and last id, read through postgres-replica:5432
     GET  /db/status   which member answered each route: address, in recovery, member name
 
-``python -m teemesh.examples.webdemo --port 8080``. The app password comes from the guest agent,
-derived exactly as the Patroni members derive it (:func:`patroni_member.derive_password`), so it
-is in no spec, argument or log. A new connection per request, so a request after a failover lands
-on the new leader; a database or agent that cannot be reached is a 503 with a JSON reason.
+``python -m teemesh.examples.webdemo --port 8080``. It connects as the app user without a
+password: the mesh authenticates it (only the groups in the routes' ``callers`` reach the
+database, see :mod:`teemesh.examples.patroni_member`). A new connection per request, so a request
+after a failover lands on the new leader; a database that cannot be reached is a 503 with a JSON
+reason.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import os
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import psycopg
 
 from teemesh.checks import split_host_port
-from teemesh.errors import MeshError
 from teemesh.examples import starter
-from teemesh.examples.patroni_member import MEMBER_SETTING, derive_password
-from teemesh.platform.agent_client import AgentClient
+from teemesh.examples.patroni_member import MEMBER_SETTING
 
 CONNECT_TIMEOUT = 3
+MAX_TAG = 64
+INSERT_SQL = "INSERT INTO writes (writer) VALUES (%s) RETURNING id, current_setting(%s, true)"
 STATUS_SQL = (
     "SELECT host(inet_server_addr()), inet_server_port(), pg_is_in_recovery(),"
     f" current_setting('{MEMBER_SETTING}', true)"
@@ -37,28 +37,26 @@ STATUS_SQL = (
 
 @dataclass(frozen=True)
 class Database:
-    """Where the app database is, through which routes, and whose keys open it."""
+    """Where the app database is, and through which routes."""
 
     master: tuple[str, int] = ("postgres-master", 5432)
     replica: tuple[str, int] = ("postgres-replica", 5432)
     name: str = "demo"
     user: str = "demo"
-    cluster: str = ""
-    agent: str | None = None
 
 
 class Unavailable(Exception):
-    """The database or the guest agent could not be reached: the reply is a 503."""
+    """The database could not be reached: the reply is a 503."""
 
 
 class WebDemo(starter.Starter):
     def __init__(self, routes: dict[str, tuple[str, int]], db: Database) -> None:
         super().__init__(routes)
         self.db = db
-        self._password: str | None = None
 
     async def handle_method(self, method: str, target: str) -> tuple[int, Any]:
-        path = urlsplit(target).path
+        url = urlsplit(target)
+        path = url.path
         wanted = {"/db/write": "POST", "/db/read": "GET", "/db/status": "GET"}.get(path)
         if wanted is None:
             return await super().handle_method(method, target)
@@ -66,17 +64,21 @@ class WebDemo(starter.Starter):
             return 405, {"error": f"{path} takes {wanted}"}
         try:
             if path == "/db/write":
-                return 200, await self.write()
+                return await self.write(parse_qs(url.query).get("tag", [""])[-1])
             if path == "/db/read":
                 return 200, await self.read()
             return await self.status()
         except Unavailable as exc:
             return 503, {"error": str(exc)}
 
-    async def write(self) -> dict[str, Any]:
-        sql = "INSERT INTO writes (writer) VALUES (%s) RETURNING id"
-        rows = await self.query(self.db.master, sql, (self.me["peer_id"],))
-        return {"id": rows[0][0], "via": _where(self.db.master)}
+    async def write(self, tag: str = "") -> tuple[int, Any]:
+        """One row, its writer being this replica (and the client's tag, if any)."""
+        if len(tag) > MAX_TAG or not tag.isprintable():
+            return 400, {"error": f"tag: at most {MAX_TAG} printable characters"}
+        writer = f"{self.me['peer_id']} {tag}" if tag else self.me["peer_id"]
+        rows = await self.query(self.db.master, INSERT_SQL, (writer, MEMBER_SETTING))
+        (row_id, member), *_ = rows
+        return 200, {"id": row_id, "member": member, "via": _where(self.db.master)}
 
     async def read(self) -> dict[str, Any]:
         rows = await self.query(self.db.replica, "SELECT count(*), max(id) FROM writes")
@@ -98,32 +100,16 @@ class WebDemo(starter.Starter):
     async def query(
         self, where: tuple[str, int], sql: str, args: tuple[Any, ...] = ()
     ) -> list[tuple[Any, ...]]:
-        password = await self.password()
         try:
             conn = await psycopg.AsyncConnection.connect(
                 host=where[0], port=where[1], dbname=self.db.name, user=self.db.user,
-                password=password, connect_timeout=CONNECT_TIMEOUT, application_name="webdemo",
-                autocommit=True,
+                connect_timeout=CONNECT_TIMEOUT, application_name="webdemo", autocommit=True,
             )  # fmt: skip
             async with conn:
                 cursor = await conn.execute(sql, args)
                 return await cursor.fetchall()
         except psycopg.Error as exc:
             raise Unavailable(f"{_where(where)}: {str(exc).strip() or type(exc).__name__}") from exc
-
-    async def password(self) -> str:
-        """The app password, asked of the guest agent once (in a thread: the client blocks)."""
-        if self._password is None:
-
-            def derive() -> str:
-                with AgentClient(self.db.agent) as agent:
-                    return derive_password(agent, "app", self.db.cluster)
-
-            try:
-                self._password = await asyncio.to_thread(derive)
-            except MeshError as exc:
-                raise Unavailable(str(exc)) from exc
-        return self._password
 
 
 def _where(where: tuple[str, int]) -> str:
@@ -153,15 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--db-name", default=Database.name)
     parser.add_argument("--db-user", default=Database.user)
-    parser.add_argument(
-        "--cluster",
-        default=os.environ.get("TEEMESH_CLUSTER", ""),
-        help="the Patroni cluster whose app password to derive (TEEMESH_CLUSTER)",
-    )
-    parser.add_argument("--agent", help="guest agent endpoint (default: DSTACK_SIMULATOR_ENDPOINT)")
-    args = parser.parse_args(argv)  # fmt: skip
-    db = Database(args.db_master, args.db_replica, args.db_name, args.db_user, args.cluster,
-                  args.agent)  # fmt: skip
+    args = parser.parse_args(argv)
+    db = Database(args.db_master, args.db_replica, args.db_name, args.db_user)
     routes = starter.DEFAULT_ROUTES | dict(args.route)
     starter.serve("webdemo", args.host, args.port, routes, lambda r: WebDemo(r, db))
 

@@ -92,9 +92,9 @@ def etcd_command() -> str:
     found = shutil.which("etcd")
     if found is None:
         raise InputError(
-            "coordinators.store etcd runs an etcd member in each coordinator CVM, and etcd is "
-            "not installed: apt-get install etcd-server",
-            field="coordinators.store",
+            "coordinators.store etcd and coordinators.dcs run etcd members in the coordinator "
+            "CVMs, and etcd is not installed: apt-get install etcd-server",
+            field="coordinators",
         )
     return found
 
@@ -124,7 +124,8 @@ def up(
             field="state",
         )
     _fresh_state_dir(state_dir)
-    etcd = etcd_command() if plan.spec.coordinators.store == "etcd" else "etcd"
+    coordinators = plan.spec.coordinators
+    etcd = etcd_command() if coordinators.store == "etcd" or coordinators.dcs else "etcd"
     record = launch(
         plan, state_dir, spec_path, teemesh_command(), secrets.token_bytes(16), etcd=etcd
     )

@@ -22,6 +22,7 @@ from teemesh.errors import InputError
 from teemesh.spec import (
     Cvm,
     Plan,
+    PlannedRoute,
     cluster_policy,
     command_env,
     coordinator_attest_policy,
@@ -29,6 +30,7 @@ from teemesh.spec import (
     group_app_compose,
     os_image_hashes,
     public_endpoints,
+    runs_sidecar,
     sidecar_config,
     system_app_compose,
 )
@@ -37,6 +39,8 @@ LAUNCH_FILE = "launch.json"
 STAGE_KMS_AGENT, STAGE_KMS, STAGE_AGENT, STAGE_STORE, STAGE_COORDINATOR, STAGE_WORKLOAD = range(6)
 ETCD_CLIENT_PORT = 2379
 ETCD_PEER_PORT = 2380
+DCS_PEER_PORT = 2390
+"""The DCS members' peer port (their clients are on loopback, at the DCS route's port)."""
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEV_GATEWAY_APP_ID = "teemesh-local"
 """What the local KMS's boot authorization (``--auth-dev``, every boot allowed) names."""
@@ -129,7 +133,7 @@ def launch_files(plan: Plan, state_dir: Path, platform_pub: str) -> dict[Path, t
     for cvm in plan.cvms:
         folder = cvm_dir(state_dir, cvm.name)
         files[folder / "app-compose.json"] = (_compose(plan, cvm), False)
-        if cvm.role in ("workload", "gateway"):
+        if runs_sidecar(spec, cvm.role):
             gateway = None
             if cvm.role == "gateway":
                 cert, key = gateway_tls_files(state_dir, cvm.name)
@@ -219,6 +223,10 @@ def launch(
                     ready_tcp=f"{cvm.address}:{port}",
                 )
             )
+            if spec.coordinators.dcs is not None:
+                api = f"127.0.0.1:{spec.sidecar.api}"
+                processes += [_dcs_member(plan, state_dir, cvm, etcd),
+                              _sidecar(state_dir, cvm, teemesh)]  # fmt: skip
         elif cvm.role == "workload":
             api = f"127.0.0.1:{spec.sidecar.api}"
             processes += _workload(plan, state_dir, cvm, teemesh, spec_path)
@@ -242,9 +250,15 @@ def launch(
         plan=plan.to_json(),
         cvms=tuple(cvms),
         hosts={r.name: r.vip for r in plan.routes},
-        instances={r.name: len(plan.replicas(r.group)) for r in plan.routes},
+        instances={r.name: _expected_instances(plan, r) for r in plan.routes},
         public=tuple(_public_urls(plan)),
     )
+
+
+def _expected_instances(plan: Plan, route: PlannedRoute) -> int:
+    """How many instances a ready route sees: all of its group; for a role (Patroni's master
+    or replica) at least one, as roles move between them; its one peer for a per-replica route."""
+    return 1 if route.role or route.peer else len(plan.replicas(route.group))
 
 
 def _public_urls(plan: Plan) -> list[str]:
@@ -279,18 +293,35 @@ def _etcd_member(plan: Plan, state_dir: Path, cvm: Cvm, etcd: str) -> ProcessSpe
 
     Its peer and client traffic stays on the cluster's bridge, in clear: the local platform's
     bridge is this machine's. (On dstack the members would talk TLS between CVMs.)"""
-    members = [c for c in plan.cvms if c.role == "coordinator"]
-    peers = ",".join(f"{c.name}=http://{c.address}:{ETCD_PEER_PORT}" for c in members)
     client = f"http://{cvm.address}:{ETCD_CLIENT_PORT}"
+    member = _etcd(plan, state_dir, cvm, etcd, name="etcd", client=client, peer_port=ETCD_PEER_PORT)
+    return member.model_copy(update={"ready_http": f"{client}/health"})
+
+
+def _dcs_member(plan: Plan, state_dir: Path, cvm: Cvm, etcd: str) -> ProcessSpec:
+    """One member of the workloads' DCS, in ``cvm``: its clients only on loopback, where the
+    CVM's sidecar serves them to the DCS route's callers (and shows its health: the host cannot
+    reach it to tell when it is ready); its peers on the bridge."""
+    assert plan.spec.coordinators.dcs is not None
+    client = f"http://127.0.0.1:{plan.spec.coordinators.dcs.port}"
+    return _etcd(plan, state_dir, cvm, etcd, name="dcs", client=client, peer_port=DCS_PEER_PORT)
+
+
+def _etcd(
+    plan: Plan, state_dir: Path, cvm: Cvm, etcd: str, *, name: str, client: str, peer_port: int
+) -> ProcessSpec:
+    """A member of the etcd cluster ``name`` (its data folder) that spans the coordinator CVMs."""
+    members = [c for c in plan.cvms if c.role == "coordinator"]
+    peers = ",".join(f"{c.name}=http://{c.address}:{peer_port}" for c in members)
     argv = (
-        etcd, "--name", cvm.name, "--data-dir", str(cvm_dir(state_dir, cvm.name) / "etcd"),
+        etcd, "--name", cvm.name, "--data-dir", str(cvm_dir(state_dir, cvm.name) / name),
         "--listen-client-urls", client, "--advertise-client-urls", client,
-        "--listen-peer-urls", f"http://{cvm.address}:{ETCD_PEER_PORT}",
-        "--initial-advertise-peer-urls", f"http://{cvm.address}:{ETCD_PEER_PORT}",
+        "--listen-peer-urls", f"http://{cvm.address}:{peer_port}",
+        "--initial-advertise-peer-urls", f"http://{cvm.address}:{peer_port}",
         "--initial-cluster", peers, "--initial-cluster-state", "new",
-        "--initial-cluster-token", f"teemesh-{plan.cluster}",
+        "--initial-cluster-token", f"teemesh-{plan.cluster}-{name}",
     )  # fmt: skip
-    return ProcessSpec(name="etcd", argv=argv, stage=STAGE_STORE, ready_http=f"{client}/health")
+    return ProcessSpec(name=name, argv=argv, stage=STAGE_STORE)
 
 
 def _etcd_clients(plan: Plan, cvm: Cvm) -> str:
@@ -337,6 +368,7 @@ def _workload(
     bin_dir = str(Path(teemesh).parent)
     env = command_env(plan, cvm) | {
         "DSTACK_SIMULATOR_ENDPOINT": sock,
+        "TEEMESH_DATA_DIR": str(cvm_dir(state_dir, cvm.name) / "data"),
         "PATH": f"{bin_dir}:{SYSTEM_PATH}",  # `python` is the one teemesh runs on
     }
     processes = [_sidecar(state_dir, cvm, teemesh)]

@@ -161,21 +161,29 @@ def signal_process(handle: Handle, signum: int) -> bool:
     return True
 
 
-def stop(groups: Iterable[Handle], singles: Iterable[Handle] = (), grace: float = 5.0) -> list[int]:
+def stop(
+    groups: Iterable[Handle],
+    singles: Iterable[Handle] = (),
+    grace: float = 5.0,
+    *,
+    hard: bool = False,
+) -> list[int]:
     """SIGTERM (with SIGCONT, so paused ones hear it), SIGKILL whatever is left after ``grace``
-    seconds; returns the PIDs still alive after that (empty when all went)."""
+    seconds; ``hard``: SIGKILL at once, as a power cut. Returns the PIDs still alive after that
+    (empty when all went)."""
     groups, singles = list(groups), list(singles)
 
     def remaining() -> list[int]:
         return live_pids(groups, singles)
 
-    for signum in (signal.SIGTERM, signal.SIGCONT):
-        for leader in groups:
-            signal_group(leader, signum)
-        for handle in singles:
-            signal_process(handle, signum)
-    if _wait_until_empty(remaining, grace):
-        return []
+    if not hard:
+        for signum in (signal.SIGTERM, signal.SIGCONT):
+            for leader in groups:
+                signal_group(leader, signum)
+            for handle in singles:
+                signal_process(handle, signum)
+        if _wait_until_empty(remaining, grace):
+            return []
     for leader in groups:
         signal_group(leader, signal.SIGKILL)
     for handle in singles:
@@ -249,14 +257,21 @@ def spawn(
 
 
 def kill(
-    state_dir: Path, cvm: str, name: str | None = None, *, grace: float = 5.0, run: Runner = run_ip
+    state_dir: Path,
+    cvm: str,
+    name: str | None = None,
+    *,
+    grace: float = 5.0,
+    hard: bool = False,
+    run: Runner = run_ip,
 ) -> None:
     """Stop process ``name``'s group, or with no name every process in the CVM: SIGTERM, and
-    SIGKILL after ``grace`` seconds. The record goes; restarting is a new :func:`spawn`."""
+    SIGKILL after ``grace`` seconds (``hard``: SIGKILL at once, a crash in which nothing cleans
+    up). The record goes; restarting is a new :func:`spawn`."""
     with netns.locked(state_dir):
         state = netns.require_state(state_dir)
         groups, strays = _targets(state, cvm, name, run)
-        left = stop(groups, strays, grace)
+        left = stop(groups, strays, grace, hard=hard)
         if left:
             raise InternalError(f"processes {left} in {cvm} did not exit on SIGKILL")
         netns.save_state(state_dir, state.without_processes(cvm, name))

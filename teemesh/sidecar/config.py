@@ -91,6 +91,9 @@ class Route:
     port: Port
     role: Label | None = None
     """Only instances tagged ``role=<role>`` (a Patroni master or replica)."""
+    peer: Label | None = None
+    """Only the instance with this peer id: one replica by name (a Patroni member's REST API,
+    which the other members call)."""
     callers: tuple[Label, ...] | None = None
     """Groups allowed to call the backend through this route; None: every admitted group."""
     vip: Loopback | None = None

@@ -66,6 +66,8 @@ class Plane:
         self.client_context: ssl.SSLContext | None = None
         self.server_context: ssl.SSLContext | None = None
         self.instances = InstanceTable()
+        self.route_peers: dict[str, tuple[str, ...]] = {}
+        """Per route, the peer ids serving it as last logged."""
         self.revoked: set[int] = set()
         self.balancer = Balancer(config.eject_seconds)
         self.tunnels: set[Tunnel] = set()
@@ -152,11 +154,23 @@ class Plane:
 
     def load_instances(self, snapshot: dict[str, Any]) -> None:
         self.instances.load(snapshot)
+        self._note_routes(None)
         self._cut_demoted()
 
     def instance_events(self, events: tuple[dict[str, Any], ...]) -> None:
-        self.instances.apply(events)
+        self._note_routes(self.instances.apply(events))
         self._cut_demoted()
+
+    def _note_routes(self, services: set[str] | None) -> None:
+        """Log each route whose serving instances changed (of ``services``; None: all): when a
+        promotion, a failure or a new replica reached this sidecar."""
+        for name, route in self.config.routes.items():
+            if services is not None and route.backend not in services:
+                continue
+            peers = tuple(sorted(i.peer_id for i in self.instances.serving(route)))
+            if self.route_peers.get(name) != peers:
+                self.route_peers[name] = peers
+                log_event(log, "route_changed", route=name, instances=list(peers))
 
     def _cut_demoted(self) -> None:
         """Tunnels of role routes whose instance no longer holds the role (or is gone)."""

@@ -1,9 +1,9 @@
 """Which instance a new connection goes to: pure decisions over the catalog as last seen.
 
-An instance serves a route when it registered the route's backend, is not critical, and (for a
-route with a role) carries ``role=<role>``. Among those, the one with the fewest open tunnels
-from this sidecar wins, ties going round-robin; an instance that failed to connect is ejected
-for a while and only tried when nothing else is left.
+An instance serves a route when it registered the route's backend, is not critical, carries
+``role=<role>`` for a route with a role, and has the peer id of a route to one peer. Among
+those, the one with the fewest open tunnels from this sidecar wins, ties going round-robin; an
+instance that failed to connect is ejected for a while and only tried when nothing else is left.
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ class Instance:
     def serves(self, route: Route) -> bool:
         if self.service != route.backend or self.health == "critical":
             return False
+        if route.peer is not None and self.peer_id != route.peer:
+            return False
         return route.role is None or self.tags.get(ROLE_TAG) == route.role
 
 
@@ -77,22 +79,28 @@ class InstanceTable:
         for key, value in snapshot.items():
             self.put(key, value)
 
-    def put(self, key: str, value: Any) -> None:
+    def put(self, key: str, value: Any) -> set[str]:
+        """Store one entry; the services whose instances it changed (old and new)."""
         instance = Instance.from_value(key, value)
-        if instance is None:
-            self.instances.pop(key, None)
-        else:
+        touched = self.delete(key)
+        if instance is not None:
             self.instances[key] = instance
+            touched.add(instance.service)
+        return touched
 
-    def delete(self, key: str) -> None:
-        self.instances.pop(key, None)
+    def delete(self, key: str) -> set[str]:
+        old = self.instances.pop(key, None)
+        return set() if old is None else {old.service}
 
-    def apply(self, events: Iterable[dict[str, Any]]) -> None:
+    def apply(self, events: Iterable[dict[str, Any]]) -> set[str]:
+        """Apply watch events; the services whose instances they changed."""
+        touched: set[str] = set()
         for event in events:
             if event.get("type") == "put":
-                self.put(str(event.get("key")), event.get("value"))
+                touched |= self.put(str(event.get("key")), event.get("value"))
             elif event.get("type") == "delete":
-                self.delete(str(event.get("key")))
+                touched |= self.delete(str(event.get("key")))
+        return touched
 
     def serving(self, route: Route) -> list[Instance]:
         return [i for i in self.instances.values() if i.serves(route)]

@@ -46,6 +46,7 @@ from teemesh.spec.render import (
     group_app_compose,
     os_image_hashes,
     public_endpoints,
+    runs_sidecar,
     sidecar_config,
     system_app_compose,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "parse_spec",
     "plan_cluster",
     "public_endpoints",
+    "runs_sidecar",
     "sidecar_config",
     "spec_problems",
     "spec_warnings",

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from teemesh.spec.model import RESERVED_GROUPS, ClusterSpec, Route
 
 MAX_CVMS = 4096
+MAX_SERVED_ROUTES = 10_000
+"""Each route takes a loopback VIP of 127.77.0.0/16 in every CVM, and a listener."""
 
 
 def spec_problems(spec: ClusterSpec) -> list[str]:
@@ -20,6 +22,7 @@ def spec_problems(spec: ClusterSpec) -> list[str]:
         *_group_problems(spec),
         *_backend_problems(spec),
         *_route_problems(spec),
+        *_route_count_problems(spec),
     ]
 
 
@@ -44,6 +47,9 @@ def _platform_problems(spec: ClusterSpec) -> Iterator[str]:
         yield "os_image_hashes: tee tdx needs the dstack OS image hashes admission accepts"
     if spec.tee == "simulated" and spec.os_image_hashes is not None:
         yield "os_image_hashes: only for tee tdx (a simulated image's hash derives from os_image)"
+    dcs = spec.coordinators.dcs
+    if dcs is not None and dcs.port == spec.coordinators.port:
+        yield f"coordinators.dcs.port: {dcs.port} is also the coordinators' port"
     if spec.sidecar.ingress == spec.sidecar.api:
         yield f"sidecar.api: port {spec.sidecar.api} is also the sidecar's ingress port"
     cvms = len(spec.cvm_slots())
@@ -83,10 +89,10 @@ def _backend_problems(spec: ClusterSpec) -> Iterator[str]:
         spec.sidecar.ingress: "the sidecar's ingress port",
         spec.sidecar.api: "the sidecar API",
     }
-    for name, group in spec.workload_groups.items():
+    for name, group in spec.mesh_groups().items():
         ports: dict[int, str] = {}
         for backend_name, backend in group.backends.items():
-            where = f"workload_groups.{name}.backends.{backend_name}"
+            where = f"{_where(spec, name)}.backends.{backend_name}"
             owner = served_by.setdefault(backend_name, name)
             if owner != name:
                 yield f"{where}: backend name already used by group {owner}"
@@ -102,14 +108,19 @@ def _route_problems(spec: ClusterSpec) -> Iterator[str]:
     cvm_names = {slot.name for slot in spec.cvm_slots()}
     route_group: dict[str, str] = {}
     vips: dict[str, str] = {}
-    for name, group in spec.workload_groups.items():
-        for route_name, route in group.routes.items():
-            where = f"workload_groups.{name}.routes.{route_name}"
+    for name, group in spec.mesh_groups().items():
+        for route_name, served in group.served_routes(name).items():
+            where = f"{_where(spec, name)}.routes.{served.declared}"
+            called = "route name" if served.peer is None else f"route name {route_name}"
             owner = route_group.setdefault(route_name, name)
             if owner != name:
-                yield f"{where}: route name already used by group {owner}"
+                yield f"{where}: {called} already used by group {owner}"
             if route_name in cvm_names:
-                yield f"{where}: route name is also the name of a CVM"
+                yield f"{where}: {called} is also the name of a CVM"
+        for route_name, route in group.routes.items():
+            where = f"{_where(spec, name)}.routes.{route_name}"
+            if route.per_replica and route.vip is not None:
+                yield f"{where}.vip: a per_replica route has one VIP per replica, picked for it"
             yield from _route_backend_problems(spec, name, where, route)
             unknown = [c for c in route.callers or () if c not in callers_allowed]
             if unknown:
@@ -122,13 +133,23 @@ def _route_problems(spec: ClusterSpec) -> Iterator[str]:
                     yield f"{where}.vip: {route.vip} already used by route {other}"
 
 
+def _route_count_problems(spec: ClusterSpec) -> Iterator[str]:
+    served = sum(len(g.served_routes(n)) for n, g in spec.mesh_groups().items())
+    if served > MAX_SERVED_ROUTES:
+        yield (
+            f"workload_groups: {served} routes (a per_replica route counts once per replica); "
+            f"at most {MAX_SERVED_ROUTES}"
+        )
+
+
 def _route_backend_problems(
     spec: ClusterSpec, group: str, where: str, route: Route
 ) -> Iterator[str]:
     """A route is declared by the group that serves it, on its backend's port."""
-    backend = spec.workload_groups[group].backends.get(route.backend)
+    groups = spec.mesh_groups()
+    backend = groups[group].backends.get(route.backend)
     if backend is None:
-        serving = [g for g, body in spec.workload_groups.items() if route.backend in body.backends]
+        serving = [g for g, body in groups.items() if route.backend in body.backends]
         yield (
             f"{where}.backend: {route.backend} is served by group {serving[0]}: declare the "
             "route there (a route is declared by the group that serves it)"
@@ -146,3 +167,10 @@ def _route_backend_problems(
             f"{where}.role: roles are tags the workload sets, so backend "
             f"{route.backend} needs owner: workload"
         )
+
+
+def _where(spec: ClusterSpec, group: str) -> str:
+    """Where a mesh group is in the spec: the coordinators' DCS, or a workload group."""
+    if group not in spec.workload_groups:
+        return "coordinators.dcs"
+    return f"workload_groups.{group}"

@@ -11,7 +11,7 @@ import ipaddress
 import re
 import shlex
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import AfterValidator, Field, PrivateAttr, field_validator
 
@@ -94,11 +94,28 @@ class CvmSlot:
     index: int
 
 
+class Dcs(Frozen):
+    """An etcd cluster for the workloads' own coordination (Patroni's DCS): one member in each
+    coordinator CVM, served to ``callers`` through the mesh as ``<route>:<port>``.
+
+    It is apart from the catalog's etcd, so no workload can reach the mesh's own state: its
+    data, its members and its failures are the workloads' alone. The coordinator CVMs then run a
+    sidecar, admitted as the group ``coordinator``, which serves this one route."""
+
+    route: Label = "etcd"
+    port: Port = 2379
+    """Where the members serve clients (on loopback in their CVM) and where the route listens."""
+    callers: tuple[Label, ...] = Field(min_length=1)
+    """The groups that may use it: say who, there is no "everyone" here."""
+    vip: Vip | None = None
+
+
 class Coordinators(Frozen):
     count: int = Field(1, ge=1, le=7)
     store: Literal["embedded", "etcd"] = "embedded"
     """embedded: SQLite in the one coordinator; etcd: a catalog several coordinators share."""
     port: Port = 8443
+    dcs: Dcs | None = None
 
 
 class Kms(Frozen):
@@ -157,6 +174,18 @@ class Route(Frozen):
     """Groups allowed to call through this route; None: every admitted group."""
     vip: Vip | None = None
     """Pin the route's loopback VIP; by default the next free one of 127.77.0.0/16."""
+    per_replica: bool = False
+    """One route per replica, ``<route>-<index>``, each reaching only ``<group>-<index>``: how
+    members of a group call one another by name (Patroni's REST API)."""
+
+
+class ServedRoute(NamedTuple):
+    """A name sidecars offer: a declared route, or one replica's name of a per-replica route."""
+
+    declared: str
+    route: Route
+    peer: str | None
+    """The one replica it reaches; None: any instance."""
 
 
 class WorkloadGroup(Frozen):
@@ -194,6 +223,17 @@ class WorkloadGroup(Frozen):
         for part in parts:
             _text(part)
         return value if isinstance(value, str) else tuple(parts)
+
+    def served_routes(self, name: str) -> dict[str, ServedRoute]:
+        """This group's routes by the names sidecars offer; ``name`` is the group's name."""
+        out: dict[str, ServedRoute] = {}
+        for declared, route in self.routes.items():
+            if route.per_replica:
+                for i in range(self.replicas):
+                    out[f"{declared}-{i}"] = ServedRoute(declared, route, f"{name}-{i}")
+            else:
+                out[declared] = ServedRoute(declared, route, None)
+        return out
 
     def argv(self) -> list[str] | None:
         """The command as an argument list: a command line runs under ``/bin/sh -c``."""
@@ -244,6 +284,18 @@ class ClusterSpec(Frozen):
         copy = self.model_copy()
         copy._compose_texts = dict(texts)
         return copy
+
+    def mesh_groups(self) -> dict[str, WorkloadGroup]:
+        """Every group that serves backends through sidecars: the workload groups, and the
+        coordinators as the group ``coordinator`` when they serve a DCS."""
+        dcs = self.coordinators.dcs
+        if dcs is None:
+            return dict(self.workload_groups)
+        etcd = Backend(port=dcs.port, health=HealthCheck(http="/health"))
+        route = Route(backend=dcs.route, callers=dcs.callers, vip=dcs.vip)
+        served = WorkloadGroup(replicas=self.coordinators.count, backends={dcs.route: etcd},
+                               routes={dcs.route: route})  # fmt: skip
+        return self.workload_groups | {"coordinator": served}
 
     def cvm_slots(self) -> list[CvmSlot]:
         """Every CVM in platform order: KMS, coordinators, gateway, then each group's replicas."""

@@ -37,6 +37,8 @@ class PlannedRoute:
     callers: tuple[str, ...] | None
     """As the spec says; ``callers_with_gateway`` is what the serving sidecars enforce."""
     public: bool
+    peer: str | None = None
+    """The one replica it reaches (a ``per_replica`` route), else None."""
 
     def callers_with_gateway(self, gateway: bool) -> tuple[str, ...] | None:
         """A public backend is callable by the gateway, whatever else ``callers`` restricts."""
@@ -70,7 +72,9 @@ class Plan:
         return tuple(c for c in self.cvms if c.role == role)
 
     def replicas(self, group: str) -> tuple[Cvm, ...]:
-        return tuple(c for c in self.cvms if c.role == "workload" and c.group == group)
+        """The CVMs of a mesh group: a workload group's replicas, or the coordinators (which
+        serve the DCS as the group ``coordinator``)."""
+        return tuple(c for c in self.cvms if c.group == group and c.role != "gateway")
 
     def coordinator_urls(self) -> list[str]:
         port = self.spec.coordinators.port
@@ -118,12 +122,12 @@ def plan_cluster(spec: ClusterSpec) -> Plan:
 def sidecar_routes(spec: ClusterSpec) -> dict[str, SidecarRoute]:
     """Every route of the cluster in declaration order, as the sidecar's configuration has it."""
     routes: dict[str, SidecarRoute] = {}
-    for group in spec.workload_groups.values():
-        for name, route in group.routes.items():
+    for group_name, group in spec.mesh_groups().items():
+        for name, (_, route, peer) in group.served_routes(group_name).items():
             port = group.backends[route.backend].port
             routes[name] = SidecarRoute(
-                backend=route.backend, port=port, role=route.role, callers=route.callers,
-                vip=route.vip,
+                backend=route.backend, port=port, role=route.role, peer=peer,
+                callers=route.callers, vip=route.vip,
             )  # fmt: skip
     return routes
 
@@ -140,7 +144,8 @@ def _routes(spec: ClusterSpec) -> tuple[PlannedRoute, ...]:
             role=route.role,
             callers=route.callers,
             public=group.backends[route.backend].public,
+            peer=peer,
         )
-        for group_name, group in spec.workload_groups.items()
-        for name, route in group.routes.items()
+        for group_name, group in spec.mesh_groups().items()
+        for name, (_, route, peer) in group.served_routes(group_name).items()
     )

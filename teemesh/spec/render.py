@@ -17,7 +17,7 @@ from typing import Any
 from teemesh.attest.dstack import compose_hash, default_app_id
 from teemesh.attest.simulated import OsImage
 from teemesh.errors import InputError
-from teemesh.spec.model import ClusterSpec
+from teemesh.spec.model import ClusterSpec, Route
 from teemesh.spec.plan import Cvm, Plan, sidecar_routes
 
 SYSTEM_ROLES = ("coordinator", "kms", "gateway")
@@ -39,13 +39,20 @@ def group_app_compose(spec: ClusterSpec, group: str) -> bytes:
         "group": group,
         "command": g.argv(),
         "backends": {n: b.model_dump(mode="json") for n, b in g.backends.items()},
-        "routes": {n: r.model_dump(mode="json", exclude={"vip"}) for n, r in g.routes.items()},
+        "routes": {n: _measured_route(r) for n, r in g.routes.items()},
     }
     public = any(b.public for b in g.backends.values())
     return app_compose_json(
         _dstack_fields(spec, f"{spec.cluster}-{group}", text or "", sorted(g.compose_env))
         | {"gateway_enabled": public and spec.gateway is not None, "teemesh": mesh}
     )
+
+
+def _measured_route(route: Route) -> dict[str, Any]:
+    """A route as measured: not its VIP (a local address), and ``per_replica`` only when set, so
+    the routes of specs written before it existed keep their compose hash (and app id)."""
+    skip = {"vip"} if route.per_replica else {"vip", "per_replica"}
+    return route.model_dump(mode="json", exclude=skip)
 
 
 def system_app_compose(spec: ClusterSpec, role: str) -> bytes:
@@ -57,6 +64,8 @@ def system_app_compose(spec: ClusterSpec, role: str) -> bytes:
     mesh: dict[str, Any] = {"cluster": spec.cluster, "role": role}
     if role == "coordinator":
         mesh["store"] = spec.coordinators.store
+        if spec.coordinators.dcs is not None:  # the route it serves, and to whom
+            mesh["dcs"] = spec.coordinators.dcs.model_dump(mode="json", exclude={"vip"})
     doc = _dstack_fields(spec, f"{spec.cluster}-{role}", "", [])
     if role == "kms":
         doc["kms_enabled"] = False  # the KMS keeps its own root keys
@@ -99,6 +108,13 @@ def cluster_policy(plan: Plan, platform_key: str | None = None) -> dict[str, Any
             "os_images": images,
             "peer_ids": [c.name for c in plan.replicas(name)],
             "services": list(group.backends),
+        }
+    if spec.coordinators.dcs is not None:  # their sidecars serve the DCS
+        groups["coordinator"] = {
+            "compose_hashes": [compose_hash(system_app_compose(spec, "coordinator")).hex()],
+            "os_images": images,
+            "peer_ids": [c.name for c in plan.of_role("coordinator")],
+            "services": [spec.coordinators.dcs.route],
         }
     if spec.gateway is not None:
         groups["gateway"] = {
@@ -168,6 +184,13 @@ def gateway_settings(
     }
 
 
+def runs_sidecar(spec: ClusterSpec, role: str) -> bool:
+    """Workload and gateway CVMs run a sidecar; coordinator CVMs too when they serve a DCS."""
+    return role in ("workload", "gateway") or (
+        role == "coordinator" and spec.coordinators.dcs is not None
+    )
+
+
 def sidecar_config(
     plan: Plan,
     cvm: Cvm | str,
@@ -176,7 +199,7 @@ def sidecar_config(
     *,
     gateway: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The sidecar configuration document of a workload (or gateway) CVM.
+    """The sidecar configuration document of a workload, gateway or DCS-serving coordinator CVM.
 
     Every CVM gets the same routes with the same VIPs; a route's ``callers`` gain ``gateway``
     when its backend is public and the cluster has a gateway. ``coordinator_urls`` are usually
@@ -185,10 +208,10 @@ def sidecar_config(
     ``transport: gateway`` the workloads' sidecars reach each other through it."""
     if isinstance(cvm, str):
         cvm = plan.cvm(cvm)
-    if cvm.role not in ("workload", "gateway"):
-        raise InputError(f"{cvm.name} is a {cvm.role} CVM, which runs no sidecar", field="CVM")
     spec = plan.spec
-    group = spec.workload_groups[cvm.group] if cvm.role == "workload" else None
+    if not runs_sidecar(spec, cvm.role):
+        raise InputError(f"{cvm.name} is a {cvm.role} CVM, which runs no sidecar", field="CVM")
+    group = spec.mesh_groups().get(cvm.group) if cvm.role != "gateway" else None
     planned = {r.name: r for r in plan.routes}
     has_gateway = spec.gateway is not None
     routes = {
@@ -196,6 +219,7 @@ def sidecar_config(
             "backend": route.backend,
             "port": route.port,
             "role": route.role,
+            "peer": route.peer,
             "callers": _list(planned[name].callers_with_gateway(has_gateway)),
             "vip": planned[name].vip,
         }

@@ -554,7 +554,7 @@ def test_cli_plan_json_is_the_plan_and_its_policy() -> None:
     assert [c["name"] for c in out["cvms"]][:4] == ["kms-0", "coordinator-0", "gateway-0", "api-0"]
     assert out["routes"][1] == {
         "name": "worker", "group": "worker", "backend": "worker", "port": 9090,
-        "vip": "127.77.0.11", "role": None, "callers": ["api"], "public": False,
+        "vip": "127.77.0.11", "role": None, "callers": ["api"], "public": False, "peer": None,
     }  # fmt: skip
     assert out["policy"]["groups"]["api"]["peer_ids"] == ["api-0", "api-1"]
 

@@ -99,16 +99,20 @@ class Writer:
             raise ValueError(f"{url!r} is not an https:// URL")
         self.host, self.port = parts.hostname, parts.port or 443
         self.dial = "127.0.0.1" if self.host.endswith(".localhost") else self.host
-        self.path = (parts.path.rstrip("/") or "") + "/db/write"
+        self.base = parts.path.rstrip("/")
         self.context = ssl.create_default_context(cafile=cafile)
         self.record = Record(url, run or secrets.token_hex(4))
         self.stopping = threading.Event()
+
+    def status(self) -> Any:
+        """The app's ``GET /db/status``: which member each route reached, and its role."""
+        return self.request("GET", self.base + "/db/status")[1]
 
     def write_once(self, n: int) -> Write:
         tag = f"{self.record.run}-{n}"
         sent = time.time()
         try:
-            status, doc = self._post(f"{self.path}?tag={tag}")
+            status, doc = self.request("POST", f"{self.base}/db/write?tag={tag}")
         except (OSError, http.client.HTTPException, ValueError) as exc:
             return Write(tag, sent, time.time(), None, error=f"{type(exc).__name__}: {exc}")
         if status != 200:
@@ -116,12 +120,13 @@ class Writer:
             return Write(tag, sent, time.time(), status, error=error)
         return Write(tag, sent, time.time(), status, int(doc["id"]), doc.get("member"))
 
-    def _post(self, path: str) -> tuple[int, Any]:
+    def request(self, method: str, path: str) -> tuple[int, Any]:
+        """One request on a new connection: (status, the JSON answer)."""
         raw = socket.create_connection((self.dial, self.port), timeout=TIMEOUT)
         conn = http.client.HTTPConnection(self.host, self.port, timeout=TIMEOUT)
         conn.sock = self.context.wrap_socket(raw, server_hostname=self.host)
         try:
-            conn.request("POST", path, headers={"Content-Length": "0"})
+            conn.request(method, path, headers={"Content-Length": "0"})
             reply = conn.getresponse()
             return reply.status, json.loads(reply.read() or b"null")
         finally:

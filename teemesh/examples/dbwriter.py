@@ -118,7 +118,11 @@ class Writer:
         if status != 200:
             error = str(doc.get("error")) if isinstance(doc, dict) else f"HTTP {status}"
             return Write(tag, sent, time.time(), status, error=error)
-        return Write(tag, sent, time.time(), status, int(doc["id"]), doc.get("member"))
+        try:
+            row, member = int(doc["id"]), doc.get("member")
+        except (TypeError, KeyError, ValueError):
+            return Write(tag, sent, time.time(), None, error=f"not the app's answer: {doc!r:.80}")
+        return Write(tag, sent, time.time(), status, row, member)
 
     def request(self, method: str, path: str) -> tuple[int, Any]:
         """One request on a new connection: (status, the JSON answer)."""

@@ -109,6 +109,8 @@ class MemberConfig:
             raise InputError("Patroni needs loop_wait + 2 * retry_timeout <= ttl", field="ttl")
         if not self.cluster or not self.name:
             raise InputError("a cluster name and a member name are needed", field="cluster")
+        if not self.etcd_hosts:
+            raise InputError("Patroni needs at least one etcd host", field="etcd")
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterator
 
+from teemesh.encoding import DNS_LABEL
 from teemesh.spec.model import RESERVED_GROUPS, ClusterSpec, Route
 
 MAX_CVMS = 4096
@@ -92,7 +93,7 @@ def _backend_problems(spec: ClusterSpec) -> Iterator[str]:
     for name, group in spec.mesh_groups().items():
         ports: dict[int, str] = {}
         for backend_name, backend in group.backends.items():
-            where = f"{_where(spec, name)}.backends.{backend_name}"
+            where = _where(spec, name, "backends", backend_name)
             owner = served_by.setdefault(backend_name, name)
             if owner != name:
                 yield f"{where}: backend name already used by group {owner}"
@@ -106,19 +107,23 @@ def _backend_problems(spec: ClusterSpec) -> Iterator[str]:
 def _route_problems(spec: ClusterSpec) -> Iterator[str]:
     callers_allowed = set(spec.workload_groups) | ({"gateway"} if spec.gateway else set())
     cvm_names = {slot.name for slot in spec.cvm_slots()}
-    route_group: dict[str, str] = {}
+    declared_by: dict[str, tuple[str, str]] = {}
     vips: dict[str, str] = {}
     for name, group in spec.mesh_groups().items():
-        for route_name, served in group.served_routes(name).items():
-            where = f"{_where(spec, name)}.routes.{served.declared}"
+        for route_name, served in group.served_routes(name):
+            where = _where(spec, name, "routes", served.declared)
             called = "route name" if served.peer is None else f"route name {route_name}"
-            owner = route_group.setdefault(route_name, name)
-            if owner != name:
-                yield f"{where}: {called} already used by group {owner}"
+            owner = declared_by.setdefault(route_name, (name, served.declared))
+            if owner[0] != name:
+                yield f"{where}: {called} already used by group {owner[0]}"
+            elif owner[1] != served.declared:
+                yield f"{where}: {called} is also the name of route {owner[1]}"
             if route_name in cvm_names:
                 yield f"{where}: {called} is also the name of a CVM"
+            if served.peer is not None and not DNS_LABEL.fullmatch(route_name):
+                yield f"{where}: {called} is longer than a DNS label (63)"
         for route_name, route in group.routes.items():
-            where = f"{_where(spec, name)}.routes.{route_name}"
+            where = _where(spec, name, "routes", route_name)
             if route.per_replica and route.vip is not None:
                 yield f"{where}.vip: a per_replica route has one VIP per replica, picked for it"
             yield from _route_backend_problems(spec, name, where, route)
@@ -169,8 +174,9 @@ def _route_backend_problems(
         )
 
 
-def _where(spec: ClusterSpec, group: str) -> str:
-    """Where a mesh group is in the spec: the coordinators' DCS, or a workload group."""
+def _where(spec: ClusterSpec, group: str, kind: str, name: str) -> str:
+    """Where a mesh group's backend or route is in the spec: ``coordinators.dcs`` (both its
+    backend and its route), or a workload group's."""
     if group not in spec.workload_groups:
         return "coordinators.dcs"
-    return f"workload_groups.{group}"
+    return f"workload_groups.{group}.{kind}.{name}"

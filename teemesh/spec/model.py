@@ -224,15 +224,16 @@ class WorkloadGroup(Frozen):
             _text(part)
         return value if isinstance(value, str) else tuple(parts)
 
-    def served_routes(self, name: str) -> dict[str, ServedRoute]:
-        """This group's routes by the names sidecars offer; ``name`` is the group's name."""
-        out: dict[str, ServedRoute] = {}
+    def served_routes(self, name: str) -> list[tuple[str, ServedRoute]]:
+        """This group's routes by the names sidecars offer, in order; ``name`` is the group's
+        name. A list: an expanded name may repeat a declared one, which the checks refuse."""
+        out: list[tuple[str, ServedRoute]] = []
         for declared, route in self.routes.items():
             if route.per_replica:
-                for i in range(self.replicas):
-                    out[f"{declared}-{i}"] = ServedRoute(declared, route, f"{name}-{i}")
+                out += [(f"{declared}-{i}", ServedRoute(declared, route, f"{name}-{i}"))
+                        for i in range(self.replicas)]  # fmt: skip
             else:
-                out[declared] = ServedRoute(declared, route, None)
+                out.append((declared, ServedRoute(declared, route, None)))
         return out
 
     def argv(self) -> list[str] | None:

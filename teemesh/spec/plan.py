@@ -123,7 +123,7 @@ def sidecar_routes(spec: ClusterSpec) -> dict[str, SidecarRoute]:
     """Every route of the cluster in declaration order, as the sidecar's configuration has it."""
     routes: dict[str, SidecarRoute] = {}
     for group_name, group in spec.mesh_groups().items():
-        for name, (_, route, peer) in group.served_routes(group_name).items():
+        for name, (_, route, peer) in group.served_routes(group_name):
             port = group.backends[route.backend].port
             routes[name] = SidecarRoute(
                 backend=route.backend, port=port, role=route.role, peer=peer,
@@ -147,5 +147,5 @@ def _routes(spec: ClusterSpec) -> tuple[PlannedRoute, ...]:
             peer=peer,
         )
         for group_name, group in spec.mesh_groups().items()
-        for name, (_, route, peer) in group.served_routes(group_name).items()
+        for name, (_, route, peer) in group.served_routes(group_name)
     )

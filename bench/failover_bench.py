@@ -61,14 +61,6 @@ class Cluster:
         self.cvms = [c["name"] for c in launch["cvms"] if c.get("api")]
         self.writer = Writer(launch["public"][0], str(state / "gateway-ca.pem"))
 
-    def leader(self) -> str | None:
-        try:
-            doc = self.writer.status()
-        except OSError:
-            return None
-        master = doc.get("master") if isinstance(doc, dict) else None
-        return master.get("member") if isinstance(master, dict) else None
-
     def patronictl(self, cvm: str, *args: str) -> str:
         config = self.state / "cvms" / cvm / "data" / "patroni" / "patroni.yml"
         return teemesh("exec", cvm, "--state", self.state, "--", BIN / "patronictl", "-c",
@@ -118,7 +110,7 @@ def wait(what: str, check: Any, timeout: float = 120) -> Any:
 
 
 def fault(cluster: Cluster, kind: str) -> dict[str, Any]:
-    leader = wait("a leader", cluster.leader)
+    leader = wait("a leader", cluster.writer.master)
     writes = cluster.writer.record.writes
     at = time.time()
     if kind == "switchover":

@@ -108,6 +108,16 @@ class Writer:
         """The app's ``GET /db/status``: which member each route reached, and its role."""
         return self.request("GET", self.base + "/db/status")[1]
 
+    def master(self) -> str | None:
+        """The member that ``postgres-master`` reaches now; None when the app cannot tell."""
+        try:
+            doc = self.status()
+        except (OSError, http.client.HTTPException, ValueError):
+            return None
+        master = doc.get("master") if isinstance(doc, dict) else None
+        member = master.get("member") if isinstance(master, dict) else None
+        return member if isinstance(member, str) else None
+
     def write_once(self, n: int) -> Write:
         tag = f"{self.record.run}-{n}"
         sent = time.time()

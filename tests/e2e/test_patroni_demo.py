@@ -61,12 +61,7 @@ class Demo:
         return Writer(self.url, self.ca)
 
     def leader(self) -> str | None:
-        try:
-            doc = self.writer().status()
-        except OSError:
-            return None
-        master = doc.get("master") if isinstance(doc, dict) else None
-        return master.get("member") if isinstance(master, dict) else None
+        return self.writer().master()
 
     def patronictl(self, cvm: str, *args: str) -> str:
         config = self.state / "cvms" / cvm / "data" / "patroni" / "patroni.yml"

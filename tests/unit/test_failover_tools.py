@@ -327,3 +327,28 @@ def test_a_soft_stop_asks_first_and_kills_only_what_is_left(
     stubborn = Signals(monkeypatch, [[10]])
     assert vmm.stop([vmm.Handle(10, 1)], grace=0.0) == [10]
     assert [s[2] for s in stubborn.sent] == [signal.SIGTERM, signal.SIGCONT, signal.SIGKILL]
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        ({"master": {"member": "postgres-2", "in_recovery": False}}, "postgres-2"),
+        ({"master": {"error": "no reachable instance"}}, None),
+        ({"master": "postgres-2"}, None),
+        (None, None),
+        (OSError("refused"), None),
+        (http.client.RemoteDisconnected("closed"), None),
+    ],
+)
+def test_writer_master_is_the_member_or_none(
+    monkeypatch: pytest.MonkeyPatch, answer: Any, expected: str | None
+) -> None:
+    writer = Writer("https://app-8080.teemesh.localhost:8445", None)
+
+    def status() -> Any:
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(writer, "status", status)
+    assert writer.master() == expected

@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 import pytest
+from test_sidecar_routing import value as catalog_value
 
 from teemesh.sidecar.config import Route, SidecarConfig, parse_sidecar_config
 from teemesh.sidecar.metrics import Metrics
@@ -17,14 +18,7 @@ PEM = "-----BEGIN PUBLIC KEY-----\nplatform\n-----END PUBLIC KEY-----\n"
 
 
 def value(service: str = "api", peer: str = "db-1", **extra: Any) -> dict[str, Any]:
-    return {
-        "service": service,
-        "group": "db",
-        "peer_id": peer,
-        "address": "10.0.0.1",
-        "port": 7443,
-        **extra,
-    }
+    return catalog_value(service, peer, **extra)
 
 
 def instance(service: str = "api", peer: str = "db-1", **extra: Any) -> Instance:

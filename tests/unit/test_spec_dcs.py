@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
+from test_spec import _set
 
 from teemesh.attest.dstack import compose_hash
 from teemesh.config import ConfigError
@@ -61,18 +62,6 @@ def doc(change: Callable[[dict[str, Any]], object] | None = None) -> dict[str, A
     if change:
         change(out)
     return out
-
-
-def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
-    """Set ``a.b.c`` in the document (creating mappings on the way)."""
-
-    def change(d: dict[str, Any]) -> None:
-        *parents, last = path.split(".")
-        for key in parents:
-            d = d.setdefault(key, {})
-        d[last] = value
-
-    return change
 
 
 def with_dcs(**dcs: Any) -> dict[str, Any]:

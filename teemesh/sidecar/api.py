@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import h11
@@ -30,11 +31,42 @@ Reply = tuple[int, str, bytes]
 Handler = Callable[[str, str, Any], Awaitable[Reply]]
 
 
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    headers: dict[str, str]
+    """Lowercase names; a repeated header keeps its last value."""
+    body: bytes
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    kind: str
+    payload: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+RawHandler = Callable[[Request], Awaitable[Response]]
+
+
 def json_reply(status: int, doc: Any) -> Reply:
     return status, "application/json", json.dumps(doc, indent=1).encode() + b"\n"
 
 
 async def serve_api(host: str, port: int, handler: Handler) -> asyncio.Server:
+    """JSON in and out: ``handler(method, path, body as JSON or None)``."""
+
+    async def json_handler(request: Request) -> Response:
+        return Response(*await _dispatch(request, handler))
+
+    return await serve_http(host, port, json_handler)
+
+
+async def serve_http(host: str, port: int, handler: RawHandler) -> asyncio.Server:
+    """One request per connection, headers in and out (the auth service's contract)."""
+
     async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await asyncio.wait_for(_one_request(reader, writer, handler), READ_TIMEOUT)
@@ -49,7 +81,7 @@ async def serve_api(host: str, port: int, handler: Handler) -> asyncio.Server:
 
 
 async def _one_request(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handler: Handler
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handler: RawHandler
 ) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
     body = bytearray()
@@ -65,24 +97,27 @@ async def _one_request(
         elif isinstance(event, h11.Data):
             body.extend(event.data)
             if len(body) > MAX_BODY:
-                status, kind, payload = json_reply(413, {"error": "body too large"})
+                response = Response(*json_reply(413, {"error": "body too large"}))
                 break
         elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
             assert request is not None
-            status, kind, payload = await _dispatch(request, bytes(body), handler)
+            response = await handler(Request(
+                request.method.decode(), request.target.decode("ascii", "replace"),
+                {k.decode().lower(): v.decode("latin-1") for k, v in request.headers},
+                bytes(body),
+            ))  # fmt: skip
             break
-    headers = [("Content-Type", kind), ("Content-Length", str(len(payload))),
-               ("Connection", "close")]  # fmt: skip
-    writer.write(conn.send(h11.Response(status_code=status, headers=headers)) or b"")
-    writer.write(conn.send(h11.Data(data=payload)) or b"")
+    headers = [*response.headers, ("Content-Type", response.kind),
+               ("Content-Length", str(len(response.payload))), ("Connection", "close")]  # fmt: skip
+    writer.write(conn.send(h11.Response(status_code=response.status, headers=headers)) or b"")
+    writer.write(conn.send(h11.Data(data=response.payload)) or b"")
     writer.write(conn.send(h11.EndOfMessage()) or b"")
     await writer.drain()
 
 
-async def _dispatch(request: h11.Request, body: bytes, handler: Handler) -> Reply:
-    method, path = request.method.decode(), request.target.decode("ascii", "replace")
+async def _dispatch(request: Request, handler: Handler) -> Reply:
     try:
-        doc = load_json(body, field="body") if body else None
-        return await handler(method, path, doc)
+        doc = load_json(request.body, field="body") if request.body else None
+        return await handler(request.method, request.path, doc)
     except InputError as exc:
         return json_reply(400, {"error": str(exc)})

@@ -139,6 +139,16 @@ class ViaGateway:
 
 
 @dataclass(frozen=True)
+class AuthService:
+    """dstack-vpc's auth service for nginx's ``auth_request``: who a client certificate is."""
+
+    __pydantic_config__ = STRICT
+    listen: HostPort = "127.0.0.1:8092"
+    callers: tuple[Label, ...] | None = None
+    """Groups let through (others get 403); None: every group of the cluster."""
+
+
+@dataclass(frozen=True)
 class SidecarConfig:
     __pydantic_config__ = STRICT
     cluster: Label
@@ -162,6 +172,7 @@ class SidecarConfig:
     drain_seconds: Annotated[float, Ge(0), Le(3600)] = 10
     gateway: GatewaySettings | None = None
     via_gateway: ViaGateway | None = None
+    auth: AuthService | None = None
 
     @property
     def ingress_port(self) -> int:
@@ -278,7 +289,11 @@ def config_from_json(doc: dict[str, Any]) -> SidecarConfig:
         public = tuple(PublicBackend(**b) for b in gateway["public"])
         gateway = GatewaySettings(**{**gateway, "public": public,
                                      "nameservers": tuple(gateway["nameservers"])})  # fmt: skip
-    via = doc.get("via_gateway")
+    via, auth = doc.get("via_gateway"), doc.get("auth")
+    if auth is not None:
+        callers = auth.get("callers")
+        auth = AuthService(**{**auth, "callers": None if callers is None else tuple(callers)})
     fields = {**doc, "coordinators": tuple(doc["coordinators"])}
     return SidecarConfig(**{**fields, "backends": backends, "routes": routes, "gateway": gateway,
-                            "via_gateway": None if via is None else ViaGateway(**via)})  # fmt: skip
+                            "via_gateway": None if via is None else ViaGateway(**via),
+                            "auth": auth})  # fmt: skip

@@ -65,6 +65,8 @@ class Plane:
         self.wall_clock = wall_clock
         self.client_context: ssl.SSLContext | None = None
         self.server_context: ssl.SSLContext | None = None
+        self.ca_pem = ""
+        """The mesh CA bundle trusted now (PEM)."""
         self.instances = InstanceTable()
         self.route_peers: dict[str, tuple[str, ...]] = {}
         """Per route, the peer ids serving it as last logged."""
@@ -86,6 +88,7 @@ class Plane:
         """New connections present ``identity`` and trust ``ca``; open ones are left alone."""
         self.client_context = tls_context(server=False, identity=identity, verify=ca)
         self.server_context = tls_context(server=True, identity=identity, verify=ca)
+        self.ca_pem = ca
         self.sessions.clear()  # they belong to the old context (and present the old SVID)
 
     def peer_of(self, der: bytes | None) -> SvidIdentity:

@@ -107,6 +107,9 @@ class Sidecar:
             public = GatewayListener.from_settings(self.plane, config.gateway)
             host, port = split_host_port(config.gateway.listen)
             self.servers.append(await loop.create_server(public, host, port, backlog=1024))
+        if config.auth is not None:
+            host, port = split_host_port(config.auth.listen)
+            self.servers.append(await api.serve_http(host, port, self.handle_auth))
         if self.hosts_file is not None:
             write_hosts(self.hosts_file, hosts_lines(config))
         self.registrar = Registrar(config, self.catalog, self.metrics)
@@ -114,6 +117,22 @@ class Sidecar:
         self.ready.set()
         log_event(log, "serving", peer=f"{config.group}/{config.peer_id}", ingress=config.ingress,
                   routes=config.vips())  # fmt: skip
+
+    async def handle_auth(self, request: api.Request) -> api.Response:
+        """dstack-vpc's auth service (``auth``), judged by this moment's CA and revocations."""
+        # imported here: only a sidecar that answers nginx parses certificates (cryptography)
+        from teemesh.sidecar.authservice import Trust, decide  # noqa: PLC0415
+
+        auth, plane = self.config.auth, self.plane
+        assert auth is not None
+        callers = None if auth.callers is None else frozenset(auth.callers)
+        trust = Trust(self.config.cluster, plane.ca_pem.encode(), plane.wall_clock(),
+                      frozenset(plane.revoked), callers)  # fmt: skip
+        decision = decide(request.method, request.path, request.headers, trust)
+        if decision.status in (401, 403):
+            log_event(log, "auth_refused", status=decision.status, reason=decision.reason)
+        body = decision.reason.encode() + b"\n"
+        return api.Response(decision.status, "text/plain", body, decision.headers)
 
     def _spawn(self, coro: Any) -> None:
         self.tasks.append(asyncio.get_running_loop().create_task(coro))

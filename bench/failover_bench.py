@@ -11,11 +11,11 @@ Brings up ``examples/patroni-demo`` (root; Patroni, PostgreSQL 15 and etcd insta
   leader key: the others wait for it to expire, ``ttl`` (20 s, Patroni's minimum) after the
   leader last refreshed it.
 - ``stop``: ``teemesh kill``, SIGTERM first: Patroni stops PostgreSQL and releases the key.
-- ``switchover``: ``patronictl switchover`` from a third member's CVM, through the mesh.
+- ``switchover``: ``patronictl switchover`` from another member's CVM, through the mesh.
 
 A crashed or stopped CVM is restarted and has rejoined before the next fault. Times are seconds
 from the fault: ``promoted`` from the new leader's Patroni log, ``routed`` when the last of all
-sidecars (the faulted CVM's aside) logged ``route_changed`` to the new leader, ``first write``
+sidecars (a crashed or stopped CVM's aside) logged ``route_changed`` to the new leader, ``first write``
 when the first write committed on the new leader was answered. Printed, never asserted.
 """
 

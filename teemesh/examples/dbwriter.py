@@ -1,13 +1,13 @@
 """Continuous writes through the Patroni demo's web app: a failover, watched from outside.
 
     python -m teemesh.examples.dbwriter https://<webdemo app id>-8080.teemesh.localhost:8445 \\
-        --cacert .teemesh/patroni-demo/gateway-ca.pem
+        --cacert .teemesh/pgdemo/gateway-ca.pem
 
 It POSTs ``/db/write?tag=<run>-<n>`` every ``--interval`` seconds, each on a new TLS connection
 through the gateway (as a fresh client would), and prints a line whenever the member that
 commits changes or writes start or stop failing. A write that got no answer is never sent again,
 so a row can be in the database at most once per tag; a write that got an ``id`` was committed
-on a synchronous standby too. At the end (``--duration``, Ctrl-C or SIGTERM) it prints, or writes
+(on a synchronous standby too, whenever Patroni has one). At the end (``--duration``, Ctrl-C or SIGTERM) it prints, or writes
 to ``--out``, a JSON record of every write: what a test or a benchmark checks the database and
 the failover timeline against.
 

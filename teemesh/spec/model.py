@@ -98,8 +98,10 @@ class Dcs(Frozen):
     """An etcd cluster for the workloads' own coordination (Patroni's DCS): one member in each
     coordinator CVM, served to ``callers`` through the mesh as ``<route>:<port>``.
 
-    It is apart from the catalog's etcd, so no workload can reach the mesh's own state: its
-    data, its members and its failures are the workloads' alone. The coordinator CVMs then run a
+    It is apart from the catalog's etcd, so what the mesh serves to workloads never touches the
+    mesh's own state: its data, its members and its failures are the workloads' alone. Measured
+    in the coordinators' app-compose: adding it or changing its callers changes their app id,
+    and so the mesh CA. The coordinator CVMs then run a
     sidecar, admitted as the group ``coordinator``, which serves this one route."""
 
     route: Label = "etcd"

@@ -15,8 +15,8 @@ Brings up ``examples/patroni-demo`` (root; Patroni, PostgreSQL 15 and etcd insta
 
 A crashed or stopped CVM is restarted and has rejoined before the next fault. Times are seconds
 from the fault: ``promoted`` from the new leader's Patroni log, ``routed`` when the last of all
-sidecars (a crashed or stopped CVM's aside) logged ``route_changed`` to the new leader, ``first write``
-when the first write committed on the new leader was answered. Printed, never asserted.
+sidecars (a crashed or stopped CVM's aside) logged ``route_changed`` to the new leader, ``first
+write`` when the first write committed on the new leader was answered. Printed, never asserted.
 """
 
 from __future__ import annotations

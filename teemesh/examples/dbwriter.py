@@ -7,9 +7,9 @@ It POSTs ``/db/write?tag=<run>-<n>`` every ``--interval`` seconds, each on a new
 through the gateway (as a fresh client would), and prints a line whenever the member that
 commits changes or writes start or stop failing. A write that got no answer is never sent again,
 so a row can be in the database at most once per tag; a write that got an ``id`` was committed
-(on a synchronous standby too, whenever Patroni has one). At the end (``--duration``, Ctrl-C or SIGTERM) it prints, or writes
-to ``--out``, a JSON record of every write: what a test or a benchmark checks the database and
-the failover timeline against.
+(on a synchronous standby too, whenever Patroni has one). At the end (``--duration``, Ctrl-C or
+SIGTERM) it prints, or writes to ``--out``, a JSON record of every write: what a test or a
+benchmark checks the database and the failover timeline against.
 
 Names under ``.localhost`` are dialled on 127.0.0.1, as curl does (RFC 6761), with the name kept
 for SNI and the Host header.

@@ -32,18 +32,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import shutil
 import signal
 import socket
 import ssl
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,16 +62,18 @@ from rich.console import Console
 from rich.table import Table
 from sidecar_bench import (
     WRK_SCRIPT,
-    Watch,
+    Bench,
+    Profiler,
     _num,
     api_healthy,
     haproxy_global,
     haproxy_http_backend,
     kms_appkeys,
+    measured,
     port_open,
     sidecar_config,
     sidecar_metrics,
-    wait_quiet,
+    wrk,
 )
 
 from teemesh.attest.dstack import compose_hash, default_app_id
@@ -103,7 +105,7 @@ end
 class Target:
     """One measured path: the URL wrk dials and the proxy processes whose CPU is counted."""
 
-    name: str
+    path: str
     url: str
     proxies: dict[str, int]
     """label -> pid, the TLS-terminating process first"""
@@ -208,61 +210,21 @@ def wait_until(what: str, ready: Callable[[], bool], timeout: float = 30) -> Non
 # measuring
 
 
-def wrk(opts: Options, script: Path, url: str, *, seconds: int, close: bool) -> dict[str, Any]:
-    argv = [opts.wrk, "-t", str(min(opts.threads, opts.connections)),
-            "-c", str(opts.connections), "-d", f"{seconds}s", "--timeout", "10s",
-            "-s", str(script)]  # fmt: skip
-    if close:
-        argv += ["-H", "Connection: close"]
-    argv.append(url)
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=False)
-    line = next((x for x in done.stdout.splitlines() if x.startswith("WRK-JSON ")), None)
-    if done.returncode != 0 or line is None:
-        raise SystemExit(f"wrk failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-    doc = json.loads(line.removeprefix("WRK-JSON "))
-    kinds = {k: int(doc[k]) for k in ("connect", "read", "write", "status", "timeout") if doc[k]}
-    requests, elapsed = int(doc["requests"]), doc["duration_us"] / 1e6
-    return {
-        "requests": requests,
-        "seconds": round(elapsed, 3),
-        "per_second": round(requests / elapsed, 1),
-        "p50_ms": round(doc["p50_us"] / 1e3, 3),
-        "p99_ms": round(doc["p99_us"] / 1e3, 3),
-        "max_ms": round(doc["max_us"] / 1e3, 3),
-        "errors": sum(kinds.values()),
-        "error_kinds": kinds,
-    }
+def measure(bench: Bench, path: Target, close: bool) -> dict[str, Any]:
+    """wrk on ``path`` as ``sidecar_bench.measured`` runs it (quiet machine, warm-up, the
+    least disturbed of ``--repeat``), plus the TLS terminator's own CPU per request."""
+    opts = bench.opts
 
+    def load(seconds: int) -> dict[str, Any]:
+        return wrk(opts.wrk, bench.script, path.url, seconds=seconds,
+                   connections=opts.connections, threads=opts.threads, close=close)  # fmt: skip
 
-@dataclass
-class Context:
-    opts: Options
-    script: Path
-    backends: dict[str, int]
-    services: list[int] = field(default_factory=list)
-
-
-def measure(ctx: Context, path: Target, close: bool) -> dict[str, Any]:
-    """``--repeat`` times: wait for a quiet machine, warm up, run wrk with the CPU watched;
-    keeps the repetition that other processes disturbed least."""
-    opts = ctx.opts
-    ours = {os.getpid(), *path.proxies.values(), *ctx.backends.values(), *ctx.services}
-    tries = []
-    for _ in range(opts.repeat):
-        waited = wait_quiet(ours, opts.quiet_wait) if opts.quiet_wait else 0.0
-        if opts.warmup:
-            wrk(opts, ctx.script, path.url, seconds=opts.warmup, close=close)
-        watch = Watch(path.proxies, ctx.backends, ctx.services)
-        with watch:
-            result = wrk(opts, ctx.script, path.url, seconds=opts.seconds, close=close)
-        tries.append((watch, result | watch.summary() | {"waited_for_quiet_s": waited}))
-    watch, result = min(tries, key=lambda t: t[1]["cpu_percent"]["other"])
-    result["repetitions_other_cpu_percent"] = [t[1]["cpu_percent"]["other"] for t in tries]
+    warmup = functools.partial(load, opts.warmup) if opts.warmup else None
+    phase = "newconn" if close else "keepalive"
+    result = measured(bench, functools.partial(load, opts.seconds), path, phase, warmup)
     if result["requests"]:
-        per = 1e6 / result["requests"]
-        result["proxy_cpu_us_per_request"] = round(per * sum(watch.cpu.values()), 1)
-        first = next(iter(path.proxies))
-        result["terminator_cpu_us_per_request"] = round(per * watch.cpu[first], 1)
+        terminator = result["proxy_cpu_seconds"][next(iter(path.proxies))]
+        result["terminator_cpu_us_per_request"] = round(1e6 * terminator / result["requests"], 1)
     return result
 
 
@@ -334,12 +296,13 @@ def run_bench(opts: Options, tmp: Path) -> dict[str, Any]:
             ]  # fmt: skip
             (tmp / "report.lua").write_text(RESOLVE_LUA + WRK_SCRIPT)
             services = [coordinator_pid, *(proc.pid for _, proc, _ in procs.started)]
-            ctx = Context(opts, tmp / "report.lua", {"http": backend_pid}, services)
-            results: dict[str, dict[str, Any]] = {p.name: {} for p in paths}
+            bench = Bench(opts, tmp / "report.lua", {"http": backend_pid}, services,
+                          Profiler(None, None))  # fmt: skip
+            results: dict[str, dict[str, Any]] = {p.path: {} for p in paths}
             for workload in WORKLOADS:
                 for path in paths:
-                    progress.print(f"[dim]{workload}, {path.name}...[/dim]")
-                    results[path.name][workload] = measure(ctx, path, workload == "newconn")
+                    progress.print(f"[dim]{workload}, {path.path}...[/dim]")
+                    results[path.path][workload] = measure(bench, path, workload == "newconn")
             time.sleep(1)  # let the last connections close before reading the counters
             return {
                 "server_name": name,

@@ -63,7 +63,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import uvloop
 import yaml
@@ -199,6 +199,13 @@ class Target:
     sink: tuple[str, int]
     proxies: dict[str, int] = field(default_factory=dict)
     """label -> pid (client side first)"""
+
+
+class Measured(Protocol):
+    """What ``measured`` needs of a path: its name and the proxy processes to account for."""
+
+    path: str
+    proxies: dict[str, int]
 
 
 def haproxy_global(maxconn: int) -> str:
@@ -503,7 +510,7 @@ class Profiler:
     outputs: list[Path] = field(default_factory=list)
 
     @contextlib.contextmanager
-    def record(self, phase: str, target: Target, seconds: int) -> Iterator[None]:
+    def record(self, phase: str, target: Measured, seconds: int) -> Iterator[None]:
         if self.py_spy is None or self.folder is None or target.path != "sidecar":
             yield
             return
@@ -556,15 +563,15 @@ def bulk(target: Target, seconds: float) -> dict[str, Any]:
 
 
 def wrk(
-    wrk_exe: str, script: Path, target: Target, *, seconds: int, connections: int,
+    wrk_exe: str, script: Path, url: str, *, seconds: int, connections: int,
     threads: int, close: bool,
 ) -> dict[str, Any]:  # fmt: skip
-    host, port = target.http
+    """wrk on ``url`` with the report script: requests, rate, latency, errors by kind."""
     argv = [wrk_exe, "-t", str(min(threads, connections)), "-c", str(connections),
             "-d", f"{seconds}s", "--timeout", "10s", "-s", str(script)]  # fmt: skip
     if close:
         argv += ["-H", "Connection: close"]
-    argv.append(f"http://{host}:{port}/")
+    argv.append(url)
     done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=False)
     line = next((x for x in done.stdout.splitlines() if x.startswith("WRK-JSON ")), None)
     if done.returncode != 0 or line is None:
@@ -588,7 +595,8 @@ def wrk(
 class Bench:
     """What every measurement needs: options, the wrk script, the processes to account for."""
 
-    opts: Options
+    opts: Any
+    """This bench's ``Options``, or another bench's with ``seconds``, ``repeat``, ``quiet_wait``"""
     script: Path
     backends: dict[str, int]
     services: list[int]
@@ -596,7 +604,7 @@ class Bench:
 
 
 def measured(
-    bench: Bench, run: Callable[[], dict[str, Any]], target: Target, phase: str,
+    bench: Bench, run: Callable[[], dict[str, Any]], target: Measured, phase: str,
     warmup: Callable[[], Any] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """``--repeat`` times: wait for a quiet machine, warm up, ``run`` with the CPU and RSS
@@ -730,7 +738,8 @@ def measure_all(bench: Bench, targets: list[Target]) -> dict[str, Any]:
     rss_idle = idle_rss([t for t in targets if t.path in PATHS])
 
     def load(target: Target, seconds: int, close: bool) -> dict[str, Any]:
-        return wrk(opts.wrk, bench.script, target, seconds=seconds,
+        host, port = target.http
+        return wrk(opts.wrk, bench.script, f"http://{host}:{port}/", seconds=seconds,
                    connections=opts.connections, threads=opts.threads, close=close)  # fmt: skip
 
     main = [t for t in targets if t.path in PATHS]

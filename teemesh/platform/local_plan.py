@@ -294,8 +294,8 @@ def _etcd_member(plan: Plan, state_dir: Path, cvm: Cvm, etcd: str) -> ProcessSpe
     Its peer and client traffic stays on the cluster's bridge, in clear: the local platform's
     bridge is this machine's. (On dstack the members would talk TLS between CVMs.)"""
     client = f"http://{cvm.address}:{ETCD_CLIENT_PORT}"
-    member = _etcd(plan, state_dir, cvm, etcd, name="etcd", client=client, peer_port=ETCD_PEER_PORT)
-    return member.model_copy(update={"ready_http": f"{client}/health"})
+    return _etcd(plan, state_dir, cvm, etcd, name="etcd", client=client,
+                 peer_port=ETCD_PEER_PORT, ready_http=f"{client}/health")  # fmt: skip
 
 
 def _dcs_member(plan: Plan, state_dir: Path, cvm: Cvm, etcd: str) -> ProcessSpec:
@@ -308,7 +308,15 @@ def _dcs_member(plan: Plan, state_dir: Path, cvm: Cvm, etcd: str) -> ProcessSpec
 
 
 def _etcd(
-    plan: Plan, state_dir: Path, cvm: Cvm, etcd: str, *, name: str, client: str, peer_port: int
+    plan: Plan,
+    state_dir: Path,
+    cvm: Cvm,
+    etcd: str,
+    *,
+    name: str,
+    client: str,
+    peer_port: int,
+    ready_http: str | None = None,
 ) -> ProcessSpec:
     """A member of the etcd cluster ``name`` (its data folder) that spans the coordinator CVMs."""
     members = [c for c in plan.cvms if c.role == "coordinator"]
@@ -321,7 +329,7 @@ def _etcd(
         "--initial-cluster", peers, "--initial-cluster-state", "new",
         "--initial-cluster-token", f"teemesh-{plan.cluster}-{name}",
     )  # fmt: skip
-    return ProcessSpec(name=name, argv=argv, stage=STAGE_STORE)
+    return ProcessSpec(name=name, argv=argv, stage=STAGE_STORE, ready_http=ready_http)
 
 
 def _etcd_clients(plan: Plan, cvm: Cvm) -> str:

@@ -17,6 +17,7 @@ The decision (:func:`decide`) is pure; the sidecar serves it with the current CA
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import unquote
@@ -86,12 +87,17 @@ def authenticate(headers: Mapping[str, str], trust: Trust) -> Decision:
     ))  # fmt: skip
 
 
+@functools.lru_cache(maxsize=4)
+def _store(ca_pem: bytes) -> Store:
+    """The trust store of a CA bundle, parsed once per bundle (not per request)."""
+    return Store(x509.load_pem_x509_certificates(ca_pem))
+
+
 def verified_peer(pem: bytes, trust: Trust) -> SvidIdentity:
     """The mesh peer a PEM certificate names, once it chains to the mesh CA at ``trust.now``."""
     leaf = x509.load_pem_x509_certificate(pem)
-    roots = x509.load_pem_x509_certificates(trust.ca_pem)
     when = dt.datetime.fromtimestamp(trust.now, dt.UTC)
-    verifier = PolicyBuilder().store(Store(roots)).time(when).build_client_verifier()
+    verifier = PolicyBuilder().store(_store(trust.ca_pem)).time(when).build_client_verifier()
     verifier.verify(leaf, [])
     peer = read_svid(leaf.public_bytes(Encoding.DER), trust.cluster)
     if peer.serial in trust.revoked:

@@ -10,7 +10,7 @@ import ipaddress
 from collections.abc import Iterator
 
 from teemesh.encoding import DNS_LABEL
-from teemesh.spec.model import RESERVED_GROUPS, ClusterSpec, Route
+from teemesh.spec.model import RESERVED_GROUPS, ClusterSpec, Route, WorkloadGroup
 
 MAX_CVMS = 4096
 MAX_SERVED_ROUTES = 10_000
@@ -109,7 +109,8 @@ def _route_problems(spec: ClusterSpec) -> Iterator[str]:
     cvm_names = {slot.name for slot in spec.cvm_slots()}
     declared_by: dict[str, tuple[str, str]] = {}
     vips: dict[str, str] = {}
-    for name, group in spec.mesh_groups().items():
+    groups = spec.mesh_groups()
+    for name, group in groups.items():
         for route_name, served in group.served_routes(name):
             where = _where(spec, name, "routes", served.declared)
             called = "route name" if served.peer is None else f"route name {route_name}"
@@ -126,7 +127,7 @@ def _route_problems(spec: ClusterSpec) -> Iterator[str]:
             where = _where(spec, name, "routes", route_name)
             if route.per_replica and route.vip is not None:
                 yield f"{where}.vip: a per_replica route has one VIP per replica, picked for it"
-            yield from _route_backend_problems(spec, name, where, route)
+            yield from _route_backend_problems(groups, name, where, route)
             unknown = [c for c in route.callers or () if c not in callers_allowed]
             if unknown:
                 yield f"{where}.callers: no group named {', '.join(unknown)}"
@@ -148,10 +149,9 @@ def _route_count_problems(spec: ClusterSpec) -> Iterator[str]:
 
 
 def _route_backend_problems(
-    spec: ClusterSpec, group: str, where: str, route: Route
+    groups: dict[str, WorkloadGroup], group: str, where: str, route: Route
 ) -> Iterator[str]:
     """A route is declared by the group that serves it, on its backend's port."""
-    groups = spec.mesh_groups()
     backend = groups[group].backends.get(route.backend)
     if backend is None:
         serving = [g for g, body in groups.items() if route.backend in body.backends]

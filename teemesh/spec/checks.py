@@ -155,6 +155,10 @@ def _route_backend_problems(
     backend = groups[group].backends.get(route.backend)
     if backend is None:
         serving = [g for g, body in groups.items() if route.backend in body.backends]
+        if serving == ["coordinator"]:
+            yield (f"{where}.backend: {route.backend} is the coordinators' DCS, served only "
+                   "by its own route (coordinators.dcs.route)")  # fmt: skip
+            return
         yield (
             f"{where}.backend: {route.backend} is served by group {serving[0]}: declare the "
             "route there (a route is declared by the group that serves it)"

@@ -428,3 +428,12 @@ def test_an_expanded_name_must_be_a_dns_label() -> None:
         f"workload_groups.db.routes.{name}: route name {name}-0 is longer than a DNS label (63)"
         in found
     ), found
+
+
+def test_a_workload_route_to_the_dcs_backend_names_coordinators_dcs() -> None:
+    d = with_dcs()
+    d[W]["db"]["routes"]["mine"] = {"backend": "etcd"}
+    assert problems(d) == [
+        f"{W}.db.routes.mine.backend: etcd is the coordinators' DCS, served only by its own "
+        "route (coordinators.dcs.route)"
+    ]

@@ -8,7 +8,7 @@ from teemesh import __version__
 from teemesh.cli.admin import admin
 from teemesh.cli.agent import agent
 from teemesh.cli.attest import attest
-from teemesh.cli.coordinator import coordinator
+from teemesh.cli.coordinator import coordinator, store_member
 from teemesh.cli.kms import kms
 from teemesh.cli.local import COMMANDS as LOCAL_COMMANDS
 from teemesh.cli.sidecar import sidecar
@@ -25,6 +25,7 @@ cli.add_command(attest)
 cli.add_command(agent)
 cli.add_command(kms)
 cli.add_command(coordinator)
+cli.add_command(store_member)
 cli.add_command(admin)
 cli.add_command(sidecar)
 cli.add_command(plan)

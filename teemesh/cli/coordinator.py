@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -11,6 +13,9 @@ from teemesh.cli._options import agent_option, collateral_option, names_option
 from teemesh.cli._output import fail, stderr, stdout, table
 from teemesh.coordinator.policy import load_cluster_policy
 from teemesh.errors import MeshError
+
+if TYPE_CHECKING:
+    from teemesh.identity.storeca import StoreName
 
 
 @click.command()
@@ -41,7 +46,9 @@ from teemesh.errors import MeshError
     "--etcd-endpoints",
     default="http://127.0.0.1:2379",
     show_default=True,
-    help="Comma-separated etcd client URLs (--store etcd).",
+    help="Comma-separated etcd client URLs (--store etcd). With https URLs the coordinator "
+    "presents a certificate from the catalog's store CA, derived through the guest agent, and "
+    "trusts only members that hold one (their members run under teemesh store-member).",
 )
 @click.option(
     "--admin-token-file",
@@ -88,6 +95,13 @@ def coordinator(
         with AgentClient(agent_endpoint) as agent:
             stderr.print("coordinator: deriving the mesh CA through the guest agent")
             ident = prepare(policy.cluster, agent, state, names or (host,))
+            endpoints = [e.strip() for e in etcd_endpoints.split(",") if e.strip()]
+            etcd_tls = None
+            if store_kind == "etcd" and any(e.startswith("https://") for e in endpoints):
+                from teemesh.identity.storeca import StoreCa  # noqa: PLC0415
+
+                store_ca = StoreCa.from_agent(agent, policy.cluster, "etcd")
+                etcd_tls = store_ca.client_context("coordinator")
     except MeshError as exc:
         fail(exc)
     except OSError as exc:
@@ -97,8 +111,8 @@ def coordinator(
         if store_kind == "etcd":
             from teemesh.catalog.etcd import EtcdStore, cluster_prefix  # noqa: PLC0415
 
-            endpoints = [e.strip() for e in etcd_endpoints.split(",") if e.strip()]
-            return await EtcdStore.open(endpoints, prefix=cluster_prefix(policy.cluster))
+            prefix = cluster_prefix(policy.cluster)
+            return await EtcdStore.open(endpoints, prefix=prefix, tls=etcd_tls)
         from teemesh.catalog.sqlite import SqliteStore  # noqa: PLC0415
 
         return await SqliteStore.open(state / "catalog.db")
@@ -127,3 +141,62 @@ def coordinator(
         run_app(app, [sock], ident.tls)
     finally:
         sock.close()
+
+
+@click.command("store-member", context_settings={"ignore_unknown_options": True})
+@click.option("--cluster", required=True, help="The cluster's name (it names the store's CA).")
+@click.option(
+    "--store",
+    type=click.Choice(["etcd", "dcs"]),
+    required=True,
+    help="etcd: the catalog's cluster; dcs: the workloads' (coordinators.dcs). Each has its CA.",
+)
+@click.option(
+    "--tls-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Where this member's CA, certificate and fresh key are written, owner-only.",
+)
+@click.option(
+    "--client-tls", is_flag=True, help="Also demand a certificate from the store CA of clients."
+)
+@agent_option
+@click.option(
+    "--name",
+    "names",
+    multiple=True,
+    required=True,
+    help="DNS name or IP its peers dial it by (repeatable).",
+)
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def store_member(
+    cluster: str,
+    store: StoreName,
+    tls_dir: Path,
+    client_tls: bool,
+    agent_endpoint: str | None,
+    names: tuple[str, ...],
+    command: tuple[str, ...],
+) -> None:
+    """Run COMMAND (etcd and its flags, after --) as a member of a coordinators' store, with
+    mutual TLS under the store's CA, which only the coordinator app can derive.
+
+    The member's certificate is issued here with a fresh key; etcd's TLS flags are appended and
+    etcd replaces this process.
+    """
+    from teemesh.identity.storeca import MemberTls, StoreCa  # noqa: PLC0415
+    from teemesh.platform.agent_client import AgentClient  # noqa: PLC0415
+
+    try:
+        with AgentClient(agent_endpoint) as agent:
+            ca = StoreCa.from_agent(agent, cluster, store)
+        files = MemberTls.write(tls_dir, ca, ca.issue_leaf(f"{store} member", names=names))
+    except MeshError as exc:
+        fail(exc)
+    except OSError as exc:
+        fail(f"cannot write the member's TLS files in {tls_dir}: {exc}")
+    argv = [*command, *files.etcd_flags(clients=client_tls)]
+    try:
+        os.execvp(argv[0], argv)  # noqa: S606 (etcd becomes this process, as a supervisor expects)
+    except OSError as exc:
+        fail(f"cannot run {argv[0]}: {exc}")

@@ -34,13 +34,22 @@ def mesh_ca_key(secret: bytes) -> ec.EllipticCurvePrivateKey:
 
 
 def mesh_ca_cert(key: ec.EllipticCurvePrivateKey, cluster: str) -> x509.Certificate:
+    return derived_ca_cert(key, f"teemesh mesh CA {cluster}", uris=(f"spiffe://{cluster}",))
+
+
+def derived_ca_cert(
+    key: ec.EllipticCurvePrivateKey, common_name: str, *, uris: tuple[str, ...] = ()
+) -> x509.Certificate:
+    """A self-signed CA that depends only on its key and names (serial and validity fixed), so
+    every replica that derives the key presents the same CA: only the ECDSA signature differs,
+    and verifiers trust a CA by its subject and key."""
     serial = int.from_bytes(hashlib.sha256(spki_der(key.public_key())).digest()[:16], "big") >> 1
     spec = CertSpec(
-        f"teemesh mesh CA {cluster}",
+        common_name,
         CA_NOT_BEFORE,
         CA_NOT_AFTER,
         organization="teemesh",
-        uris=(f"spiffe://{cluster}",),
+        uris=uris,
         ca_path_len=0,
         serial=serial or 1,
     )

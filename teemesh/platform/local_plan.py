@@ -34,13 +34,10 @@ from teemesh.spec import (
     sidecar_config,
     system_app_compose,
 )
+from teemesh.spec.model import DCS_PEER_PORT, ETCD_CLIENT_PORT, ETCD_METRICS_PORT, ETCD_PEER_PORT
 
 LAUNCH_FILE = "launch.json"
 STAGE_KMS_AGENT, STAGE_KMS, STAGE_AGENT, STAGE_STORE, STAGE_COORDINATOR, STAGE_WORKLOAD = range(6)
-ETCD_CLIENT_PORT = 2379
-ETCD_PEER_PORT = 2380
-DCS_PEER_PORT = 2390
-"""The DCS members' peer port (their clients are on loopback, at the DCS route's port)."""
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEV_GATEWAY_APP_ID = "teemesh-local"
 """What the local KMS's boot authorization (``--auth-dev``, every boot allowed) names."""
@@ -208,7 +205,7 @@ def launch(
                 "--agent", sock, "--name", cvm.address, "--name", cvm.name,
             )  # fmt: skip
             if spec.coordinators.store == "etcd":
-                processes.append(_etcd_member(plan, state_dir, cvm, etcd))
+                processes.append(_etcd_member(plan, state_dir, cvm, teemesh, etcd))
                 coordinator_argv += (
                     "--store",
                     "etcd",
@@ -225,7 +222,7 @@ def launch(
             )
             if spec.coordinators.dcs is not None:
                 api = f"127.0.0.1:{spec.sidecar.api}"
-                processes += [_dcs_member(plan, state_dir, cvm, etcd),
+                processes += [_dcs_member(plan, state_dir, cvm, teemesh, etcd),
                               _sidecar(state_dir, cvm, teemesh)]  # fmt: skip
         elif cvm.role == "workload":
             api = f"127.0.0.1:{spec.sidecar.api}"
@@ -287,49 +284,63 @@ def _agent(plan: Plan, state_dir: Path, cvm: Cvm, teemesh: str, seed: bytes) -> 
     return ProcessSpec(name="agent", argv=tuple(argv), stage=stage, ready_socket=sock)
 
 
-def _etcd_member(plan: Plan, state_dir: Path, cvm: Cvm, etcd: str) -> ProcessSpec:
+def _etcd_member(plan: Plan, state_dir: Path, cvm: Cvm, teemesh: str, etcd: str) -> ProcessSpec:
     """One member of the coordinators' etcd cluster, in ``cvm``: every coordinator CVM holds
     one, so the catalog survives any minority of coordinator CVMs.
 
-    Its peer and client traffic stays on the cluster's bridge, in clear: the local platform's
-    bridge is this machine's. (On dstack the members would talk TLS between CVMs.)"""
-    client = f"http://{cvm.address}:{ETCD_CLIENT_PORT}"
-    return _etcd(plan, state_dir, cvm, etcd, name="etcd", client=client,
-                 peer_port=ETCD_PEER_PORT, ready_http=f"{client}/health")  # fmt: skip
+    Its peers and its clients (the coordinators) must present a certificate from the catalog's
+    store CA, which only the coordinator app derives; the host sees its health, and nothing else,
+    on the plain metrics port."""
+    client = f"https://{cvm.address}:{ETCD_CLIENT_PORT}"
+    metrics = f"http://{cvm.address}:{ETCD_METRICS_PORT}"
+    return _etcd(plan, state_dir, cvm, teemesh, etcd, store="etcd", client=client,
+                 peer_port=ETCD_PEER_PORT, metrics=metrics)  # fmt: skip
 
 
-def _dcs_member(plan: Plan, state_dir: Path, cvm: Cvm, etcd: str) -> ProcessSpec:
+def _dcs_member(plan: Plan, state_dir: Path, cvm: Cvm, teemesh: str, etcd: str) -> ProcessSpec:
     """One member of the workloads' DCS, in ``cvm``: its clients only on loopback, where the
     CVM's sidecar serves them to the DCS route's callers (and shows its health: the host cannot
-    reach it to tell when it is ready); its peers on the bridge."""
+    reach it to tell when it is ready); its peers on the bridge, under the DCS's store CA."""
     assert plan.spec.coordinators.dcs is not None
     client = f"http://127.0.0.1:{plan.spec.coordinators.dcs.port}"
-    return _etcd(plan, state_dir, cvm, etcd, name="dcs", client=client, peer_port=DCS_PEER_PORT)
+    return _etcd(plan, state_dir, cvm, teemesh, etcd, store="dcs", client=client,
+                 peer_port=DCS_PEER_PORT)  # fmt: skip
 
 
 def _etcd(
     plan: Plan,
     state_dir: Path,
     cvm: Cvm,
+    teemesh: str,
     etcd: str,
     *,
-    name: str,
+    store: Literal["etcd", "dcs"],
     client: str,
     peer_port: int,
-    ready_http: str | None = None,
+    metrics: str | None = None,
 ) -> ProcessSpec:
-    """A member of the etcd cluster ``name`` (its data folder) that spans the coordinator CVMs."""
+    """A member of the coordinators' store ``store`` (also its data folder), which spans the
+    coordinator CVMs; ``teemesh store-member`` gives it its TLS identity, then runs etcd."""
     members = [c for c in plan.cvms if c.role == "coordinator"]
-    peers = ",".join(f"{c.name}=http://{c.address}:{peer_port}" for c in members)
+    peers = ",".join(f"{c.name}=https://{c.address}:{peer_port}" for c in members)
+    folder = cvm_dir(state_dir, cvm.name)
+    sock = str(agent_socket(state_dir, cvm.name))
     argv = (
-        etcd, "--name", cvm.name, "--data-dir", str(cvm_dir(state_dir, cvm.name) / name),
+        teemesh, "store-member", "--cluster", plan.cluster, "--store", store,
+        "--tls-dir", str(folder / f"{store}-tls"), "--agent", sock,
+        "--name", cvm.address, "--name", cvm.name,
+        *(("--client-tls",) if client.startswith("https://") else ()),
+        "--",
+        etcd, "--name", cvm.name, "--data-dir", str(folder / store),
         "--listen-client-urls", client, "--advertise-client-urls", client,
-        "--listen-peer-urls", f"http://{cvm.address}:{peer_port}",
-        "--initial-advertise-peer-urls", f"http://{cvm.address}:{peer_port}",
+        "--listen-peer-urls", f"https://{cvm.address}:{peer_port}",
+        "--initial-advertise-peer-urls", f"https://{cvm.address}:{peer_port}",
         "--initial-cluster", peers, "--initial-cluster-state", "new",
-        "--initial-cluster-token", f"teemesh-{plan.cluster}-{name}",
+        "--initial-cluster-token", f"teemesh-{plan.cluster}-{store}",
+        *(("--listen-metrics-urls", metrics) if metrics else ()),
     )  # fmt: skip
-    return ProcessSpec(name=name, argv=argv, stage=STAGE_STORE, ready_http=ready_http)
+    ready = f"{metrics}/health" if metrics else None
+    return ProcessSpec(name=store, argv=argv, stage=STAGE_STORE, ready_http=ready)
 
 
 def _etcd_clients(plan: Plan, cvm: Cvm) -> str:
@@ -337,7 +348,7 @@ def _etcd_clients(plan: Plan, cvm: Cvm) -> str:
     members = sorted(
         (c for c in plan.cvms if c.role == "coordinator"), key=lambda c: c.name != cvm.name
     )
-    return ",".join(f"http://{c.address}:{ETCD_CLIENT_PORT}" for c in members)
+    return ",".join(f"https://{c.address}:{ETCD_CLIENT_PORT}" for c in members)
 
 
 def _sidecar(state_dir: Path, cvm: Cvm, teemesh: str) -> ProcessSpec:

@@ -10,7 +10,16 @@ import ipaddress
 from collections.abc import Iterator
 
 from teemesh.encoding import DNS_LABEL
-from teemesh.spec.model import RESERVED_GROUPS, ClusterSpec, Route, WorkloadGroup
+from teemesh.spec.model import (
+    DCS_PEER_PORT,
+    ETCD_CLIENT_PORT,
+    ETCD_METRICS_PORT,
+    ETCD_PEER_PORT,
+    RESERVED_GROUPS,
+    ClusterSpec,
+    Route,
+    WorkloadGroup,
+)
 
 MAX_CVMS = 4096
 MAX_SERVED_ROUTES = 10_000
@@ -20,6 +29,7 @@ MAX_SERVED_ROUTES = 10_000
 def spec_problems(spec: ClusterSpec) -> list[str]:
     return [
         *_platform_problems(spec),
+        *_coordinator_port_problems(spec),
         *_group_problems(spec),
         *_backend_problems(spec),
         *_route_problems(spec),
@@ -48,9 +58,6 @@ def _platform_problems(spec: ClusterSpec) -> Iterator[str]:
         yield "os_image_hashes: tee tdx needs the dstack OS image hashes admission accepts"
     if spec.tee == "simulated" and spec.os_image_hashes is not None:
         yield "os_image_hashes: only for tee tdx (a simulated image's hash derives from os_image)"
-    dcs = spec.coordinators.dcs
-    if dcs is not None and dcs.port == spec.coordinators.port:
-        yield f"coordinators.dcs.port: {dcs.port} is also the coordinators' port"
     if spec.sidecar.ingress == spec.sidecar.api:
         yield f"sidecar.api: port {spec.sidecar.api} is also the sidecar's ingress port"
     cvms = len(spec.cvm_slots())
@@ -64,6 +71,40 @@ def _platform_problems(spec: ClusterSpec) -> Iterator[str]:
             f"network: {net} has {hosts} host addresses; the cluster needs {needed} "
             f"(the bridge and {needed - 1} CVMs)"
         )
+
+
+def _coordinator_port_problems(spec: ClusterSpec) -> Iterator[str]:
+    """Two listeners of a coordinator CVM on one port: one on all addresses, or both on the
+    CVM's address or both on loopback. The sidecar runs there only with a DCS; its ports
+    against each other and the DCS's backend are the mesh rules' (``_backend_problems``)."""
+    coordinators = spec.coordinators
+    # (spec path or "" for a fixed port, port, where it listens, what it is, a mesh listener);
+    # the coordinator counts as all addresses: on dstack it listens on the host's network
+    listeners = [("coordinators.port", coordinators.port, "all", "the coordinators' port", False)]
+    if coordinators.store == "etcd":
+        listeners += [
+            ("", ETCD_CLIENT_PORT, "address", "the catalog etcd's client port", False),
+            ("", ETCD_PEER_PORT, "address", "the catalog etcd's peer port", False),
+            ("", ETCD_METRICS_PORT, "address", "the catalog etcd's metrics port", False),
+        ]
+    if coordinators.dcs is not None:
+        dcs_port = coordinators.dcs.port
+        listeners += [
+            ("", DCS_PEER_PORT, "address", "the DCS's peer port", False),
+            ("coordinators.dcs.port", dcs_port, "loopback", "the DCS's client port", True),
+            ("sidecar.ingress", spec.sidecar.ingress, "all", "the sidecar's ingress port", True),
+            ("sidecar.api", spec.sidecar.api, "loopback", "the sidecar's API port", True),
+        ]
+    for n, (path, port, where, what, mesh) in enumerate(listeners):
+        for other_path, other_port, other_where, other, other_mesh in listeners[:n]:
+            if port != other_port or (mesh and other_mesh):
+                continue
+            if "all" not in (where, other_where) and where != other_where:
+                continue
+            if path:
+                yield f"{path}: {port} is also {other} in the coordinator CVMs"
+            elif other_path:
+                yield f"{other_path}: {port} is also {what} in the coordinator CVMs"
 
 
 def _group_problems(spec: ClusterSpec) -> Iterator[str]:

@@ -26,6 +26,12 @@ DEFAULT_NETWORK = "10.77.0.0/24"
 RESERVED_GROUPS = frozenset({"coordinator", "kms", "gateway"})
 """Names of the platform's own CVMs (``coordinator-0``, ``kms-0``, ``gateway-0``)."""
 MAX_REPLICAS = 1000
+ETCD_CLIENT_PORT = 2379
+ETCD_PEER_PORT = 2380
+ETCD_METRICS_PORT = 2381
+"""Where the host reads a catalog member's health (plain HTTP: /health and /metrics only)."""
+DCS_PEER_PORT = 2390
+"""The DCS members' peer port (their clients are on loopback, at the DCS route's port)."""
 MAX_ROUTES = 1000
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 _IMAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")

@@ -70,3 +70,18 @@ def wait_ready(state: Path, timeout: float = 30) -> dict[str, Any]:
         if time.monotonic() > deadline:
             pytest.fail(f"cluster not ready again: {doc}")
         time.sleep(0.5)
+
+
+def store_peer_members(
+    state: Path, cvm: str, peer_url: str, store: str, *, certified: bool
+) -> subprocess.CompletedProcess[str]:
+    """From ``cvm``, ask an etcd peer of the coordinators' ``store`` (``etcd`` or ``dcs``) for
+    its members, trusting the store CA and, if ``certified``, presenting coordinator-0's member
+    certificate (files only a coordinator CVM has on dstack; the local platform keeps every
+    CVM's files on this host, and etcd holds a peer to its certificate's addresses anyway)."""
+    tls = state / "cvms" / "coordinator-0" / f"{store}-tls"
+    flags: list[str | Path] = ["--cacert", tls / "ca.crt"]
+    if certified:
+        flags += ["--cert", tls / "member.crt", "--key", tls / "member.key"]
+    return teemesh("exec", cvm, "--state", state, "--", "curl", "-sS", "--http1.1",
+                   "--max-time", "3", *flags, f"{peer_url}/members")  # fmt: skip

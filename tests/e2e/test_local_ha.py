@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from localkit import calls, teemesh, wait_ready
+from localkit import calls, store_peer_members, teemesh, wait_ready
 
 pytestmark = pytest.mark.e2e
 SPEC = """
@@ -78,10 +79,46 @@ def test_every_coordinator_cvm_runs_an_etcd_member(state: Path) -> None:
         assert running[f"coordinator-{i}"] == {
             "agent": "running", "etcd": "running", "coordinator": "running"
         }  # fmt: skip
+    tls = state / "cvms" / "coordinator-0" / "etcd-tls"
     member_list = teemesh("exec", "coordinator-0", "--state", state, "--",
-                          "etcdctl", "--endpoints", "http://10.79.0.3:2379", "member", "list")  # fmt: skip
+                          "etcdctl", "--endpoints", "https://10.79.0.3:2379",
+                          "--cacert", tls / "ca.crt", "--cert", tls / "member.crt",
+                          "--key", tls / "member.key", "member", "list")  # fmt: skip
     assert member_list.returncode == 0, member_list.stderr
     assert all(f"coordinator-{i}" in member_list.stdout for i in range(3))
+
+
+def member_tls(state: Path) -> list[str | Path]:
+    """etcdctl's flags with coordinator-0's member certificate: files only a coordinator CVM
+    has on dstack (the local platform keeps every CVM's files on this host)."""
+    tls = state / "cvms" / "coordinator-0" / "etcd-tls"
+    return ["--cacert", tls / "ca.crt", "--cert", tls / "member.crt", "--key", tls / "member.key"]
+
+
+def test_a_workload_cvm_reads_nothing_from_the_catalogs_etcd(state: Path) -> None:
+    """Clients need a certificate from the catalog's store CA, which only the coordinator app
+    derives: a workload reaches the members on the bridge, and is refused."""
+    ca = member_tls(state)[:2]
+
+    def read(*flags: str | Path) -> subprocess.CompletedProcess[str]:
+        return teemesh("exec", "api-0", "--state", state, "--", "etcdctl", *flags,
+                       "--command-timeout=3s", "get", "--prefix", "/teemesh/")  # fmt: skip
+
+    for refused in (read("--endpoints", "http://10.79.0.3:2379"),
+                    read("--endpoints", "https://10.79.0.3:2379", *ca)):  # fmt: skip
+        assert refused.returncode != 0 and "/teemesh/" not in refused.stdout, refused.stdout
+    # the control: the same network path with a member's certificate reads the catalog
+    allowed = read("--endpoints", "https://10.79.0.3:2379", *member_tls(state))
+    assert allowed.returncode == 0 and "/teemesh/ha/" in allowed.stdout, allowed.stderr
+
+
+def test_a_workload_cvm_cannot_talk_to_the_etcd_peers(state: Path) -> None:
+    peer = "https://10.79.0.4:2380"  # coordinator-1's
+    for cvm, certified in [("api-0", False), ("api-0", True)]:
+        refused = store_peer_members(state, cvm, peer, "etcd", certified=certified)
+        assert refused.returncode != 0 and "coordinator-1" not in refused.stdout, refused.stdout
+    allowed = store_peer_members(state, "coordinator-0", peer, "etcd", certified=True)
+    assert allowed.returncode == 0 and "coordinator-1" in allowed.stdout, allowed.stderr
 
 
 def gateway_passages(state: Path) -> float:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from localkit import ROOT, teemesh, wait_ready
+from localkit import ROOT, store_peer_members, teemesh, wait_ready
 
 from teemesh.examples.dbwriter import Record, Writer
 
@@ -56,6 +56,10 @@ class Demo:
         self.url = launch["public"][0].rstrip("/")
         self.ca = str(state / "gateway-ca.pem")
         self.down: set[str] = set()
+
+    def address(self, cvm: str) -> str:
+        launch = json.loads((self.state / "launch.json").read_text())
+        return str(next(c["address"] for c in launch["cvms"] if c["name"] == cvm))
 
     def writer(self) -> Writer:
         return Writer(self.url, self.ca)
@@ -167,6 +171,18 @@ def test_the_demo_writes_and_reads_through_the_gateway(demo: Demo) -> None:
         return got if ok else None
 
     waited("a leader, a synchronous standby and a replica", roles, timeout=30)
+
+
+def test_the_dcs_peers_talk_only_to_coordinator_cvms(demo: Demo) -> None:
+    """The DCS is served to its callers only through the mesh: its peer port on the bridge
+    demands a member certificate from the DCS's store CA, which only the coordinator app
+    derives (and etcd holds a peer to its certificate's addresses)."""
+    peer = f"https://{demo.address('coordinator-1')}:2390"
+    for cvm, certified in [("webdemo-0", False), ("postgres-0", False), ("webdemo-0", True)]:
+        refused = store_peer_members(demo.state, cvm, peer, "dcs", certified=certified)
+        assert refused.returncode != 0 and "coordinator-1" not in refused.stdout, refused.stdout
+    allowed = store_peer_members(demo.state, "coordinator-0", peer, "dcs", certified=True)
+    assert allowed.returncode == 0 and "coordinator-1" in allowed.stdout, allowed.stderr
 
 
 def test_losing_a_coordinator_changes_nothing_for_the_clients(demo: Demo) -> None:

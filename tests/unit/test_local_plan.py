@@ -76,17 +76,19 @@ def test_coordinators_on_etcd_each_run_a_member_and_use_their_own_first() -> Non
     record = starter_launch(coordinators={"count": 3, "store": "etcd"})
     coordinators = [c for c in record.cvms if c.role == "coordinator"]
     assert [c.name for c in coordinators] == [f"coordinator-{i}" for i in range(3)]
-    peers = ",".join(f"{c.name}=http://{c.address}:2380" for c in coordinators)
+    peers = ",".join(f"{c.name}=https://{c.address}:2380" for c in coordinators)
     for cvm in coordinators:
         etcd, coordinator = cvm.processes[1], cvm.processes[2]
         assert (etcd.name, etcd.stage) == ("etcd", STAGE_STORE)
-        assert etcd.argv[0] == "/e"
-        assert etcd.argv[etcd.argv.index("--initial-cluster") + 1] == peers
-        assert etcd.ready_http == f"http://{cvm.address}:2379/health"
+        assert etcd.argv[:2] == ("/bin/teemesh", "store-member")
+        command = etcd.argv[etcd.argv.index("--") + 1 :]
+        assert command[0] == "/e"
+        assert command[command.index("--initial-cluster") + 1] == peers
+        assert etcd.ready_http == f"http://{cvm.address}:2381/health"
         assert coordinator.stage == STAGE_COORDINATOR
         endpoints = coordinator.argv[coordinator.argv.index("--etcd-endpoints") + 1].split(",")
-        assert endpoints[0] == f"http://{cvm.address}:2379"
-        assert sorted(endpoints) == sorted(f"http://{c.address}:2379" for c in coordinators)
+        assert endpoints[0] == f"https://{cvm.address}:2379"
+        assert sorted(endpoints) == sorted(f"https://{c.address}:2379" for c in coordinators)
     assert all(p.stage == STAGE_WORKLOAD for p in record.cvm("api-0").processes[1:])
 
 

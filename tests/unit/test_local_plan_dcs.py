@@ -65,7 +65,14 @@ def process(record: Launch, cvm: str, name: str) -> ProcessSpec:
 
 
 def flag(p: ProcessSpec, name: str) -> str:
-    return p.argv[p.argv.index(name) + 1]
+    """A flag of the command a process runs: etcd's, after ``teemesh store-member ... --``."""
+    argv = p.argv[p.argv.index("--") + 1 :] if "--" in p.argv else p.argv
+    return argv[argv.index(name) + 1]
+
+
+def member_flags(p: ProcessSpec) -> tuple[str, ...]:
+    """The ``teemesh store-member`` part of a store member's command line."""
+    return p.argv[: p.argv.index("--")]
 
 
 def test_each_coordinator_runs_both_etcd_members_and_a_sidecar() -> None:
@@ -89,20 +96,40 @@ def test_without_dcs_a_coordinator_has_no_sidecar_and_no_api() -> None:
 def test_the_dcs_member_listens_for_clients_on_loopback_and_peers_on_its_own_port() -> None:
     record = make()
     members = [c for c in record.cvms if c.role == "coordinator"]
-    peers = ",".join(f"{c.name}=http://{c.address}:{DCS_PEER_PORT}" for c in members)
+    peers = ",".join(f"{c.name}=https://{c.address}:{DCS_PEER_PORT}" for c in members)
     assert DCS_PEER_PORT == 2390
     for cvm in members:
         dcs = process(record, cvm.name, "dcs")
-        assert dcs.argv[0] == "/e"
+        assert dcs.argv[dcs.argv.index("--") + 1] == "/e"
         assert dcs.stage == STAGE_STORE
         assert flag(dcs, "--name") == cvm.name
         assert flag(dcs, "--listen-client-urls") == "http://127.0.0.1:2479"
         assert flag(dcs, "--advertise-client-urls") == "http://127.0.0.1:2479"
-        assert flag(dcs, "--listen-peer-urls") == f"http://{cvm.address}:2390"
-        assert flag(dcs, "--initial-advertise-peer-urls") == f"http://{cvm.address}:2390"
+        assert flag(dcs, "--listen-peer-urls") == f"https://{cvm.address}:2390"
+        assert flag(dcs, "--initial-advertise-peer-urls") == f"https://{cvm.address}:2390"
         assert flag(dcs, "--initial-cluster") == peers
         assert flag(dcs, "--data-dir") == f"/state/cvms/{cvm.name}/dcs"
         assert dcs.ready_http is None  # the host cannot reach its loopback
+        assert "--listen-metrics-urls" not in dcs.argv
+
+
+def test_store_members_run_under_their_own_store_ca() -> None:
+    record = make()
+    for cvm in (c for c in record.cvms if c.role == "coordinator"):
+        for store in ("etcd", "dcs"):
+            wrapper = member_flags(process(record, cvm.name, store))
+            assert wrapper[:2] == ("/bin/teemesh", "store-member")
+            assert flag_in(wrapper, "--store") == store
+            assert flag_in(wrapper, "--cluster") == "pg"
+            assert flag_in(wrapper, "--tls-dir") == f"/state/cvms/{cvm.name}/{store}-tls"
+            assert flag_in(wrapper, "--agent") == f"/state/cvms/{cvm.name}/agent.sock"
+            assert cvm.address in wrapper and cvm.name in wrapper
+            # the catalog's clients cross the bridge; the DCS's stay on loopback
+            assert ("--client-tls" in wrapper) == (store == "etcd")
+
+
+def flag_in(argv: tuple[str, ...], name: str) -> str:
+    return argv[argv.index(name) + 1]
 
 
 def test_the_dcs_is_another_cluster_than_the_catalogs_etcd() -> None:
@@ -114,9 +141,10 @@ def test_the_dcs_is_another_cluster_than_the_catalogs_etcd() -> None:
     assert flag(etcd, "--data-dir") != flag(dcs, "--data-dir")
     assert flag(etcd, "--initial-cluster-token") == "teemesh-pg-etcd"
     assert flag(dcs, "--initial-cluster-token") == "teemesh-pg-dcs"
-    assert flag(etcd, "--listen-peer-urls") == f"http://{address}:2380"
-    assert flag(etcd, "--listen-client-urls") == f"http://{address}:2379"
-    assert etcd.ready_http == f"http://{address}:2379/health"
+    assert flag(etcd, "--listen-peer-urls") == f"https://{address}:2380"
+    assert flag(etcd, "--listen-client-urls") == f"https://{address}:2379"
+    assert flag(etcd, "--listen-metrics-urls") == f"http://{address}:2381"
+    assert etcd.ready_http == f"http://{address}:2381/health"
 
 
 def test_the_coordinator_sidecar_runs_with_the_workloads() -> None:

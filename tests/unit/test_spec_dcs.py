@@ -230,11 +230,47 @@ def test_the_coordinator_compose_measures_the_dcs_but_not_its_vip() -> None:
 # -- coordinators.dcs: what is refused --------------------------------------------------------
 
 
+IN_COORDINATORS = "in the coordinator CVMs"
+
+
 def test_the_dcs_port_may_not_be_the_coordinators_port() -> None:
-    assert problems(with_dcs(port=8443)) == [f"{DCS}.port: 8443 is also the coordinators' port"]
+    assert problems(with_dcs(port=8443)) == [
+        f"{DCS}.port: 8443 is also the coordinators' port {IN_COORDINATORS}"
+    ]
     d = with_dcs(port=9000)
     d["coordinators"]["port"] = 9000
-    assert problems(d) == [f"{DCS}.port: 9000 is also the coordinators' port"]
+    assert problems(d) == [f"{DCS}.port: 9000 is also the coordinators' port {IN_COORDINATORS}"]
+
+
+@pytest.mark.parametrize(
+    ("port", "what"),
+    [
+        (8443, "the coordinators' port"),
+        (2379, "the catalog etcd's client port"),
+        (2380, "the catalog etcd's peer port"),
+        (2381, "the catalog etcd's metrics port"),
+        (2390, "the DCS's peer port"),
+    ],
+)
+def test_with_a_dcs_the_sidecar_ingress_takes_no_port_of_the_coordinator_cvms(
+    port: int, what: str
+) -> None:
+    d = with_dcs(port=2479)
+    d["sidecar"] = {"ingress": port}
+    found = problems(d)
+    assert f"sidecar.ingress: {port} is also {what} {IN_COORDINATORS}" in found, found
+
+
+def test_loopback_and_the_cvm_address_are_different_places() -> None:
+    d = with_dcs(port=2380)  # the DCS's clients on loopback, the catalog's peers on the address
+    d["sidecar"] = {"api": 2379}
+    spec_of(d)
+
+
+def test_without_a_dcs_the_coordinator_cvms_run_no_sidecar() -> None:
+    d = doc()
+    d["sidecar"] = {"ingress": 2380}
+    spec_of(d)
 
 
 def test_the_dcs_route_may_not_take_a_workload_route_name() -> None:

@@ -126,6 +126,7 @@ def coordinator(
         admin=admin,
         policy_source=lambda: load_cluster_policy(policy_path),
         reload_on_sighup=True,
+        vpc_shared_key=ident.vpc_shared_key,
     )
     stdout.print(table("teemesh coordinator", [
         ("listen", f"https://{host}:{sock.getsockname()[1]}"),

@@ -2,7 +2,8 @@
 
 One TLS port with an RA-TLS certificate. Admission needs no client certificate; the catalog
 needs the peer's SVID (verified by TLS against the mesh CA, then by ``Catalog.authenticate``);
-the admin API needs the admin bearer token. Errors map from the exception class, once, here:
+the admin API needs the admin bearer token; dstack-vpc's VPC API (``http_vpc``) needs an SVID
+of an app its policy section allows. Errors map from the exception class, once, here:
 400 ``{"error", "field"}`` malformed, 401 no SVID, 403 refused, 404/410 not registered, 503
 store trouble. Nothing a client sends yields a 500.
 """
@@ -33,6 +34,7 @@ from teemesh.coordinator.http_admin import (
 )
 from teemesh.coordinator.http_catalog import add_catalog_routes
 from teemesh.coordinator.http_util import Log, coordinator_of, json_body
+from teemesh.coordinator.http_vpc import add_vpc_routes
 from teemesh.coordinator.records import PolicyEpoch
 from teemesh.coordinator.service import Coordinator
 from teemesh.errors import InputError, MeshError, Refused
@@ -86,9 +88,12 @@ def create_app(
     policy_source: PolicySource | None = None,
     reload_on_sighup: bool = False,
     watch_keepalive: float = WATCH_KEEPALIVE,
+    vpc_shared_key: bytes | None = None,
     log: Log = _log,
 ) -> FastAPI:
     """``make`` runs on the serving event loop, where the async store must be opened.
+
+    ``vpc_shared_key``: what the VPC API hands registering nodes (``vpc.derive_shared_key``).
 
     With ``reload_on_sighup``, SIGHUP reloads the policy from ``policy_source`` (as the admin
     API does); a policy file with errors is reported and the policy in force stays.
@@ -161,6 +166,7 @@ def create_app(
         return {"ca_certificate": cert_pem(coordinator_of(request).ca_cert)}
 
     add_catalog_routes(app, log, watch_keepalive)
+    add_vpc_routes(app, vpc_shared_key, log)
     if admin is not None:
         add_admin_routes(app, admin, policy_source, log)
     return app

@@ -2,15 +2,22 @@
 
 The TEE kind and its trust anchor (``tee``, ``platform_key``) are cluster-wide, so no group can
 quietly accept simulated quotes in a TDX cluster. Group fields follow the attestation policy's
-rule: left out means not checked, an empty list admits nothing.
+rule: left out means not checked, an empty list admits nothing. ``vpc`` turns on dstack-vpc's
+VPC API (``coordinator.vpc``) for the apps it allows.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import (
+    BeforeValidator,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 from teemesh.attest.policy import (
     Hex20,
@@ -23,6 +30,7 @@ from teemesh.attest.policy import (
 )
 from teemesh.checks import Label
 from teemesh.config import ConfigError, Frozen, parse_model, read_yaml
+from teemesh.coordinator.vpc import app_allowed, parse_allowed_apps
 
 
 class GroupPolicy(Frozen):
@@ -39,6 +47,15 @@ class GroupPolicy(Frozen):
     """Services this group's peers may register in the catalog; no other group may own them."""
 
 
+class VpcPolicy(Frozen):
+    allowed_apps: Annotated[tuple[str, ...], BeforeValidator(parse_allowed_apps)]
+    """dstack-vpc's ``ALLOWED_APPS``: ``any``, or app ids (a list or comma-separated); an app
+    is its SVID's attested app id. Empty denies every app."""
+
+    def allows(self, app_id: str) -> bool:
+        return app_allowed(self.allowed_apps, app_id)
+
+
 class ClusterPolicy(Frozen):
     cluster: Label
     tee: Literal["tdx", "simulated"] = "tdx"
@@ -49,6 +66,17 @@ class ClusterPolicy(Frozen):
     lease_ttl_seconds: int = Field(15, ge=2, le=300)
     """A peer's catalog entries vanish this long after its last heartbeat."""
     groups: dict[Label, GroupPolicy] = Field(default_factory=dict)
+    vpc: VpcPolicy | None = None
+    """None: the VPC API is off (404)."""
+
+    @model_serializer(mode="wrap")
+    def _without_absent_vpc(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """A policy without ``vpc`` dumps as before: same epoch digest, and coordinators that
+        predate ``vpc`` can still read it from the store."""
+        doc: dict[str, Any] = handler(self)
+        if self.vpc is None:
+            doc.pop("vpc", None)
+        return doc
 
     @model_validator(mode="after")
     def _platform_key_matches_tee(self) -> ClusterPolicy:

@@ -74,10 +74,13 @@ def run(
     import logging  # noqa: PLC0415
 
     from teemesh.sidecar.config import load_sidecar_config  # noqa: PLC0415
+    from teemesh.sidecar.contrast import with_environment  # noqa: PLC0415
     from teemesh.sidecar.launch import Launch  # noqa: PLC0415
 
     try:
         config = load_sidecar_config(config_path)
+        # Contrast's sidecar settings (EDG_*/CONTRAST_*), as a pod spec written for it sets them
+        config = with_environment(config, os.environ)
         if config.gateway is not None:  # a bad certificate or TXT file is said now, not later
             from teemesh.gateway.listener import check_settings  # noqa: PLC0415
 

@@ -36,7 +36,7 @@ from teemesh.net.relay import Leg, TcpLeg, TlsLeg, join
 from teemesh.sidecar.config import GatewaySettings, Route
 from teemesh.sidecar.egress import AcceptedLeg, EgressListener
 from teemesh.sidecar.plane import Plane
-from teemesh.sidecar.routing import Instance
+from teemesh.sidecar.routing import Instance, live_instances_of
 
 log = logging.getLogger("teemesh.gateway")
 UNRECOGNIZED_NAME = bytes([21, 3, 3, 0, 2, 2, 112])
@@ -182,14 +182,10 @@ class GatewayListener:
     def _instances_of(self, dest: Destination) -> tuple[list[Instance], bool]:
         """The catalog entries of the instance, or else of the app, ``dest`` names; True when
         it names an instance."""
-        live = [i for i in self.plane.instances.instances.values() if i.health != "critical"]
-        found = [i for i in live if i.instance_id == dest.id]
-        if found:
-            return found, True
-        found = [i for i in live if i.app_id == dest.id]
+        found, by_instance = live_instances_of(self.plane.instances.instances.values(), dest.id)
         if not found:
             raise Refusal("unknown_app", f"no live app or instance {dest.id}")
-        return found, False
+        return found, by_instance
 
     def _target(self, dest: Destination, instance: Instance, by_instance: bool) -> GatewayTarget:
         backend = self.public.get((instance.group, dest.port))

@@ -28,6 +28,7 @@ from teemesh.checks import (
 )
 from teemesh.errors import InputError
 from teemesh.net.tls import https_target
+from teemesh.sidecar.contrast import ContrastProxy, contrast_from_json, proxy_problems
 
 VIP_NETWORK = ipaddress.ip_network("127.77.0.0/16")
 """Where route VIPs are drawn from when the configuration gives none."""
@@ -149,6 +150,15 @@ class AuthService:
 
 
 @dataclass(frozen=True)
+class ClientProxy:
+    """dstack-vpc's client proxy: plain HTTP routed by ``x-dstack-target-*`` headers into the
+    mesh (``teemesh.sidecar.clientproxy``); the port picks a backend through ``routes``."""
+
+    __pydantic_config__ = STRICT
+    listen: HostPort = "127.0.0.1:8091"
+
+
+@dataclass(frozen=True)
 class SidecarConfig:
     __pydantic_config__ = STRICT
     cluster: Label
@@ -173,6 +183,9 @@ class SidecarConfig:
     gateway: GatewaySettings | None = None
     via_gateway: ViaGateway | None = None
     auth: AuthService | None = None
+    contrast: ContrastProxy | None = None
+    """Contrast's sidecar settings (EDG_*/CONTRAST_* variables): ``sidecar.contrast``."""
+    client_proxy: ClientProxy | None = None
 
     @property
     def ingress_port(self) -> int:
@@ -264,6 +277,7 @@ def parse_sidecar_config(
     except ConfigError as exc:
         raise ConfigError(source, exc.problems + problems) from exc
     problems += route_problems(config)
+    problems += proxy_problems(config)
     if problems:
         raise ConfigError(source, problems)
     return config
@@ -293,7 +307,10 @@ def config_from_json(doc: dict[str, Any]) -> SidecarConfig:
     if auth is not None:
         callers = auth.get("callers")
         auth = AuthService(**{**auth, "callers": None if callers is None else tuple(callers)})
+    if doc.get("client_proxy") is not None:
+        doc = {**doc, "client_proxy": ClientProxy(**doc["client_proxy"])}
     fields = {**doc, "coordinators": tuple(doc["coordinators"])}
+    fields = {**fields, "contrast": contrast_from_json(doc.get("contrast"))}
     return SidecarConfig(**{**fields, "backends": backends, "routes": routes, "gateway": gateway,
                             "via_gateway": None if via is None else ViaGateway(**via),
                             "auth": auth})  # fmt: skip

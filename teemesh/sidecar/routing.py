@@ -62,6 +62,17 @@ class Instance:
         return route.role is None or self.tags.get(ROLE_TAG) == route.role
 
 
+def live_instances_of(instances: Iterable[Instance], id: str) -> tuple[list[Instance], bool]:
+    """The non-critical catalog entries of the instance ``id`` names, else of the app it
+    names; True when it names an instance. The gateway's SNI routing and
+    the client proxy's target headers name instances this way, as dstack's gateway does."""
+    live = [i for i in instances if i.health != "critical"]
+    found = [i for i in live if i.instance_id == id]
+    if found:
+        return found, True
+    return [i for i in live if i.app_id == id], False
+
+
 def _optional_str(value: Any) -> str | None:
     return None if value is None else str(value)
 

@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 from teemesh.checks import Health, split_host_port
 from teemesh.coordinator.catalog_client import CatalogClient
@@ -29,6 +29,9 @@ from teemesh.sidecar.ingress import IngressListener
 from teemesh.sidecar.metrics import Metrics
 from teemesh.sidecar.plane import Plane
 from teemesh.sidecar.registration import Registrar
+
+if TYPE_CHECKING:
+    from teemesh.sidecar.contrast_proxy import ContrastListeners
 
 log = logging.getLogger("teemesh.sidecar")
 WATCH_RETRY = 1.0
@@ -61,9 +64,13 @@ class Sidecar:
         self.ready = asyncio.Event()
         self._instances_loaded = asyncio.Event()
         self._revocations_loaded = asyncio.Event()
+        self.contrast: ContrastListeners | None = None
+        """Contrast's sidecar listeners (``config.contrast``), once admitted."""
 
     def _use_svid(self, svid: Svid) -> None:
         self.plane.use_identity(svid.identity, svid.ca_certificate)
+        if self.contrast is not None:
+            self.contrast.use_identity(svid.identity)
         if self.catalog is not None:
             self.catalog.use_svid(svid.identity)
 
@@ -110,6 +117,20 @@ class Sidecar:
         if config.auth is not None:
             host, port = split_host_port(config.auth.listen)
             self.servers.append(await api.serve_http(host, port, self.handle_auth))
+        if config.client_proxy is not None:
+            # imported here: only a sidecar offering dstack-vpc's client proxy needs it
+            from teemesh.sidecar.clientproxy import ClientProxyListener, agent_endpoint  # noqa: PLC0415
+
+            proxy = ClientProxyListener(self.plane, agent_endpoint(self.admission.launch))
+            host, port = split_host_port(config.client_proxy.listen)
+            self.servers.append(await loop.create_server(proxy, host, port, backlog=1024))
+        if config.contrast is not None:
+            # imported here: only a sidecar given Contrast's EDG_/CONTRAST_ settings runs these
+            from teemesh.sidecar.contrast_proxy import ContrastListeners  # noqa: PLC0415
+
+            current = self.admission.svid or svid  # renewed meanwhile: the newer identity
+            self.contrast = ContrastListeners(self.plane, config, current.identity)
+            self.servers += await self.contrast.start(self.ready.is_set)
         if self.hosts_file is not None:
             write_hosts(self.hosts_file, hosts_lines(config))
         self.registrar = Registrar(config, self.catalog, self.metrics)

@@ -1,0 +1,325 @@
+"""dstack-vpc's client proxy (``client_proxy``): plain HTTP from the workload, sent into the
+mesh by its ``x-dstack-target-*`` headers; without them, a call to the local guest agent.
+
+Each connection carries one request, read whole (bounded in size and time) before anything is
+dialed. A tunnel is opened as a route's egress opens one (``EgressListener._dial``): mTLS to the
+target sidecar's ingress, whose certificate must chain to the mesh CA, be unrevoked, name the
+catalog's peer and carry the target app id; only then are the ``CONNECT`` and the request sent.
+dstack-vpc checks the app id after the response, once the request has reached the server.
+The target's ingress still applies its ``callers``. The response is relayed as it comes, and
+the connection closes after it (later client bytes are never forwarded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h11
+
+from teemesh.errors import MeshError, PeerError
+from teemesh.logs import log_event
+from teemesh.net.relay import TcpLeg, join
+from teemesh.platform.agent_client import AgentClient
+from teemesh.sidecar import tunnel as wire
+from teemesh.sidecar.clientproxy_core import (
+    MAX_BODY,
+    ROUTED_METHODS,
+    ProxyError,
+    Target,
+    agent_args,
+    agent_method,
+    backends_at,
+    candidates,
+    error_response,
+    forwarded_request,
+    gateway_domain,
+    identity_problem,
+    json_response,
+    parse_target,
+    refusal_error,
+)
+from teemesh.sidecar.config import Route
+from teemesh.sidecar.egress import EgressListener, _Attempt
+from teemesh.sidecar.plane import Plane, Tunnel
+from teemesh.sidecar.routing import Instance
+
+log = logging.getLogger("teemesh.sidecar.clientproxy")
+NAME = "client-proxy"
+REQUEST_TIMEOUT = 30.0
+"""The whole request (head and body) must arrive within this: a slow client is cut (408)."""
+MAX_HEAD = 16 * 1024
+"""Request line and headers; above it, 431."""
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    target: str
+    headers: list[tuple[bytes, bytes]]
+    """As received (h11 lowercases the names)."""
+    body: bytes
+
+    def header_map(self) -> dict[str, str]:
+        return {k.decode().lower(): v.decode("latin-1") for k, v in self.headers}
+
+
+class ProxyLeg(TcpLeg):
+    """The client's connection: one request parsed here, then (routed) joined to a tunnel, of
+    which only the response direction carries bytes."""
+
+    def __init__(self, on_request: Callable[[ProxyLeg, Request], None]) -> None:
+        super().__init__()
+        self.on_request = on_request
+        self.http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        self.request: h11.Request | None = None
+        self.body = bytearray()
+        self.done = False
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        loop = asyncio.get_running_loop()
+        self.timer = loop.call_later(REQUEST_TIMEOUT, self._too_slow)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.done:  # the one request is read: what follows is never forwarded
+            return
+        self.http.receive_data(data)
+        self._events()
+
+    def eof_received(self) -> bool:
+        if self.done:
+            return super().eof_received()
+        self.http.receive_data(b"")
+        self._events()
+        return True
+
+    def send_eof(self) -> None:
+        """The response is whole: close (the client's side carries nothing more we forward)."""
+        super().send_eof()
+        if self.partner is not None and not self.eof_in:
+            self.eof_in = True
+            self.partner.send_eof()
+        self.close()
+
+    def reply(self, response: bytes) -> None:
+        """The proxy's own answer, then close."""
+        self.done = True
+        self._stop_timer()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(response)
+            self.transport.close()
+
+    def _stop_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _too_slow(self) -> None:
+        if not self.done:
+            self.reply(error_response(ProxyError(408, "the request did not arrive in time")))
+
+    def _events(self) -> None:
+        try:
+            while not self.done:
+                event = self.http.next_event()
+                if event is h11.NEED_DATA:
+                    if self.http.they_are_waiting_for_100_continue and self.transport:
+                        continue_ = h11.InformationalResponse(status_code=100, headers=[])
+                        self.transport.write(self.http.send(continue_) or b"")
+                    return
+                self._event(event)
+        except h11.RemoteProtocolError as exc:
+            self.reply(error_response(ProxyError(exc.error_status_hint, f"bad request: {exc}")))
+        except ProxyError as exc:
+            self.reply(error_response(exc))
+
+    def _event(self, event: Any) -> None:
+        if isinstance(event, h11.Request):
+            self.request = event
+            head = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+            if head > MAX_HEAD:  # h11 bounds only a head that arrives in pieces
+                raise ProxyError(431, f"the request head is limited to {MAX_HEAD} bytes")
+            length = dict(event.headers).get(b"content-length", b"0")
+            if int(length) > MAX_BODY:  # h11 checked it is a number
+                raise ProxyError(413, f"the body is limited to {MAX_BODY} bytes")
+        elif isinstance(event, h11.Data):
+            self.body.extend(event.data)
+            if len(self.body) > MAX_BODY:
+                raise ProxyError(413, f"the body is limited to {MAX_BODY} bytes")
+        elif isinstance(event, h11.EndOfMessage) and self.request is not None:
+            self.done = True
+            self._stop_timer()
+            request = self.request
+            self.on_request(self, Request(request.method.decode(),
+                                          request.target.decode("ascii", "replace"),
+                                          list(request.headers), bytes(self.body)))  # fmt: skip
+        elif isinstance(event, h11.ConnectionClosed):  # gone before a whole request
+            self.done = True
+            self.abort()
+
+
+class _Dialer(EgressListener):
+    """A route egress's dial, plus the target app id: one check more before any byte."""
+
+    def __init__(self, plane: Plane) -> None:
+        super().__init__(plane, NAME, Route(NAME, 1))
+
+    async def dial(self, instance: Instance, app: str) -> _Attempt:
+        attempt = await self._dial(instance)  # chain, revocation, peer: checked in the handshake
+        problem = identity_problem(attempt.handshake.result(), instance, app, self.plane.revoked)
+        if problem is not None:
+            attempt.leg.abort()
+            raise PeerError(problem)
+        return attempt
+
+
+class ClientProxyListener:
+    def __init__(self, plane: Plane, agent: str | None) -> None:
+        """``agent``: the guest agent's endpoint (None: ``DSTACK_SIMULATOR_ENDPOINT`` or the
+        default socket, as for admission)."""
+        self.plane = plane
+        self.agent = agent
+        self.dialer = _Dialer(plane)
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def __call__(self) -> ProxyLeg:
+        return ProxyLeg(self._received)
+
+    def _received(self, client: ProxyLeg, request: Request) -> None:
+        task = asyncio.get_running_loop().create_task(self._handle(client, request))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _handle(self, client: ProxyLeg, request: Request) -> None:
+        try:
+            target = parse_target(request.header_map())
+            if target is None:
+                client.reply(await self._local(request))
+            else:
+                await self._forward(client, request, target)
+        except ProxyError as exc:
+            if exc.status >= 500 or exc.status == 403:
+                log_event(log, "proxy_failed", logging.WARNING, status=exc.status, error=str(exc))
+            client.reply(error_response(exc))
+        except Exception as exc:  # never let one request take the sidecar down
+            log.exception("client proxy request failed")
+            client.reply(error_response(ProxyError(500, f"internal error: {type(exc).__name__}")))
+
+    # -- into the mesh ------------------------------------------------------------------------
+
+    async def _forward(self, client: ProxyLeg, request: Request, target: Target) -> None:
+        plane = self.plane
+        if request.method not in ROUTED_METHODS:
+            raise ProxyError(405, f"{request.method} is not routed")
+        if plane.draining or plane.at_capacity() or plane.client_context is None:
+            raise ProxyError(503, "the sidecar is not taking new connections")
+        found = candidates(plane.instances.instances.values(), target,
+                           backends_at(plane.config, target.port))  # fmt: skip
+        outbound = forwarded_request(request.method, request.target, request.headers,
+                                     request.body)  # fmt: skip
+        plane.pending += 1
+        try:
+            await self._open(client, target, found, outbound)
+        finally:
+            plane.pending -= 1
+
+    async def _open(self, client: ProxyLeg, target: Target, found: list[Instance],
+                    outbound: bytes) -> None:  # fmt: skip
+        """Try the instances in the balancer's order until one takes the request; an instance
+        is retried only when nothing of the request can have reached its backend."""
+        plane = self.plane
+        tried: set[str] = set()
+        error = ProxyError(502, f"no instance of app {target.app} could be reached")
+        while not client.closed:
+            ordered = plane.balancer.order([i for i in found if i.key not in tried], plane.clock())
+            if not ordered:
+                raise error
+            instance = ordered[0]
+            tried.add(instance.key)
+            try:
+                attempt = await self.dialer.dial(instance, target.app)
+            except (OSError, TimeoutError, MeshError, ValueError) as exc:
+                plane.balancer.eject(instance.key, plane.clock())
+                plane.metrics.connect_failures.labels(NAME).inc()
+                error = ProxyError(502, f"cannot reach {instance.key}: {exc}")
+                log_event(log, "connect_failed", logging.WARNING, instance=instance.key,
+                          error=str(exc))  # fmt: skip
+                continue
+            leg = attempt.leg
+            connect = wire.connect_request(wire.Target(instance.service, target.port))
+            leg.send([connect, outbound])
+            try:
+                refusal, rest = await asyncio.wait_for(attempt.reply, plane.config.connect_timeout)
+            except (OSError, TimeoutError, MeshError, ValueError) as exc:
+                leg.abort()  # the request may have reached the backend: never replayed
+                raise ProxyError(502, f"tunnel to {instance.key} failed: {exc}") from exc
+            if refusal is not None:
+                leg.abort()
+                plane.metrics.refusals.labels(NAME, refusal.name.lower()).inc()
+                error = refusal_error(refusal, instance)
+                if refusal.retryable:
+                    continue
+                raise error
+            if client.closed:
+                leg.abort()
+                return
+            self._join(client, attempt, instance, rest)
+            return
+
+    def _join(self, client: ProxyLeg, attempt: _Attempt, instance: Instance,
+              rest: bytes) -> None:  # fmt: skip
+        plane, leg = self.plane, attempt.leg
+        if leg.tls.session_reused:
+            plane.metrics.handshakes.labels("client", "resumed").inc()
+        else:
+            plane.metrics.handshakes.labels("client", "full").inc()
+            session = leg.tls.session  # read once (cpython#116810)
+            if session is not None and session.has_ticket:
+                plane.sessions[instance.key] = session
+        tunnel = Tunnel("egress", NAME, attempt.handshake.result(), (client, leg),
+                        instance=instance.key)  # fmt: skip
+        plane.add(tunnel)
+        if rest:
+            client.send([rest])
+        join(client, leg)
+
+    # -- local answers ------------------------------------------------------------------------
+
+    async def _local(self, request: Request) -> bytes:
+        """``/health``, ``/gateway``, or a guest-agent call (dstack-vpc's dstack.sock fallback)."""
+        if request.method == "GET" and request.target.partition("?")[0] == "/health":
+            return json_response(200, {"ok": True})
+        method = agent_method(request.target)
+        if method is None:
+            return json_response(200, {"gateway_domain": gateway_domain(self.plane.config)})
+        args = agent_args(request.method, request.target, request.body)
+        try:
+            doc = await asyncio.to_thread(_call_agent, self.agent, method, args)
+        except MeshError as exc:
+            raise ProxyError(502, str(exc)) from exc
+        return json_response(200, doc)
+
+
+def _call_agent(endpoint: str | None, method: str, args: dict[str, Any]) -> Any:
+    with AgentClient(endpoint) as agent:
+        return agent.call(method, args)
+
+
+def agent_endpoint(launch: Path) -> str | None:
+    """The guest agent ``teemesh sidecar run --agent`` named, as the admission helper uses it."""
+    from teemesh.sidecar.launch import Launch  # noqa: PLC0415
+
+    try:
+        return Launch.read(launch).agent
+    except MeshError:
+        return None

@@ -13,16 +13,19 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import ssl
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+import h11
+
 from teemesh.coordinator.errors import NotRegistered
-from teemesh.errors import InputError, PeerError, Refused
-from teemesh.net.async_https import AsyncAttestedHttps
+from teemesh.errors import InputError, MeshError, PeerError, Refused
+from teemesh.net.async_https import READ_CHUNK, AsyncAttestedHttps, close
 from teemesh.net.sse import WATCH_KEEPALIVE, SseParser
-from teemesh.net.tls import DerCheck, PemPair
+from teemesh.net.tls import MAX_REPLY, DerCheck, PemPair
 
 RETRY_FIRST, RETRY_MAX = 0.2, 5.0
 
@@ -38,6 +41,25 @@ class CatalogUpdate:
 
 class Unavailable(PeerError):
     """No coordinator answered."""
+
+
+@dataclass(frozen=True)
+class RawReply:
+    """A coordinator's answer as it came (``CatalogClient.raw``)."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    url: str
+    """The coordinator that answered."""
+
+
+class _NotSent(PeerError):
+    """No byte of the request left: the coordinator is unreachable or failed its check."""
+
+
+REPLAYABLE = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+"""Methods ``raw`` sends to the next coordinator when an exchange broke off midway."""
 
 
 class CatalogClient:
@@ -81,6 +103,34 @@ class CatalogClient:
                 self._rotate()
                 continue
             return _reply(status, doc, f"{https.url}{path}")
+        raise Unavailable("no coordinator answered: " + "; ".join(failures))
+
+    async def raw(
+        self, method: str, path: str, body: bytes = b"", headers: Sequence[tuple[str, str]] = ()
+    ) -> RawReply:
+        """One request passed through as it is (the client proxy's VPC calls), with the same
+        pinning and failover as ``call``: the next coordinator is tried when one is unreachable,
+        fails its check or answers 503, and when an exchange broke off midway only for a
+        ``REPLAYABLE`` method. All answering 503: the last 503. Else PeerError."""
+        failures, busy = [], None
+        for _ in self.coordinators:
+            https = self.coordinators[self._current]
+            try:
+                reply = await _exchange(https, method, path, body, headers)
+            except PeerError as exc:
+                if not isinstance(exc, _NotSent) and method not in REPLAYABLE:
+                    raise
+                failures.append(str(exc))
+                self._rotate()
+                continue
+            if reply.status == 503:
+                failures.append(f"{https.url}: HTTP 503")
+                busy = reply
+                self._rotate()
+                continue
+            return reply
+        if busy is not None:
+            return busy
         raise Unavailable("no coordinator answered: " + "; ".join(failures))
 
     async def register(
@@ -144,6 +194,44 @@ class CatalogClient:
             self._rotate()
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX)
+
+
+async def _exchange(https: AsyncAttestedHttps, method: str, path: str, body: bytes,
+                    headers: Sequence[tuple[str, str]]) -> RawReply:  # fmt: skip
+    where = f"{https.url}{path}"
+    try:  # ``request``'s connection: the coordinator's certificate checked before any byte
+        reader, writer = await asyncio.wait_for(https._connect(), https.timeout)
+    except (OSError, TimeoutError, ssl.SSLError, MeshError) as exc:
+        raise _NotSent(f"{where}: {exc or type(exc).__name__}") from exc
+    try:
+        async with asyncio.timeout(https.timeout):
+            conn = h11.Connection(h11.CLIENT)
+            fields = [("Host", f"{https.host}:{https.port}"), ("Connection", "close"), *headers,
+                      ("Content-Length", str(len(body)))]  # fmt: skip
+            writer.write(conn.send(h11.Request(method=method, target=path, headers=fields)))
+            writer.write((conn.send(h11.Data(data=body)) if body else b"")
+                         + conn.send(h11.EndOfMessage()))  # fmt: skip
+            response, data = None, bytearray()
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await reader.read(READ_CHUNK))
+                elif isinstance(event, h11.Response):
+                    response = event
+                elif isinstance(event, h11.Data):
+                    data += event.data
+                    if len(data) > MAX_REPLY:
+                        raise PeerError(f"{where}: reply over {MAX_REPLY} bytes")
+                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                    break
+    except (OSError, TimeoutError, ValueError, h11.ProtocolError, ssl.SSLError) as exc:
+        raise PeerError(f"{where}: {exc or type(exc).__name__}") from exc
+    finally:
+        await close(writer)
+    if response is None:
+        raise PeerError(f"{where}: the connection closed before a response")
+    pairs = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers)
+    return RawReply(response.status_code, pairs, bytes(data), https.url)
 
 
 def _update(kind: str, data: str, last: int | None) -> tuple[CatalogUpdate | None, int | None]:

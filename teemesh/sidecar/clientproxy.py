@@ -8,6 +8,25 @@ catalog's peer and carry the target app id; only then are the ``CONNECT`` and th
 dstack-vpc checks the app id after the response, once the request has reached the server.
 The target's ingress still applies its ``callers``. The response is relayed as it comes, and
 the connection closes after it (later client bytes are never forwarded).
+
+The VPC server. dstack-vpc's nodes reach their VPC server through this proxy with
+``x-dstack-target-app: <the server's app id>``; in teemesh the coordinators serve that API
+(``/api/register``, ``/api/nodes/update``, ``/api/discover/<type>``, ...), and they are not
+catalog instances. A request whose target app is one of the coordinators' app ids
+(``vpc_app_ids``: the ``app_ids`` the sidecar's ``coordinator_policy`` pins, else dstack's
+default app id of each of its ``compose_hashes``, their first 20 bytes, i.e. the first 40 hex
+digits) goes to a coordinator instead, over the sidecar's own catalog connection: mTLS with
+this CVM's SVID to coordinators whose RA-TLS certificates the admission helper verified, with
+the catalog's failover. The coordinator authenticates the SVID and allows the app by its
+policy's ``vpc.allowed_apps``, so a node's identity is the attested one. Only ``/api/`` paths
+are passed on (others: 404), with method, query and body; ``x-dstack-target-*``, ``Host`` and
+hop-by-hop headers are dropped; the other target headers (port, instance, TLS) mean nothing
+here. The coordinator's status and body come back whole. ``vpc-server`` is not accepted as an
+app id: an app is given the coordinators' app id where dstack-vpc reads the VPC server's, from
+the deployment: ``teemesh plan --json`` lists it as ``app_ids.coordinator``, and it is the
+first 40 hex digits of the compose hash in the sidecar config's ``coordinator_policy`` (or
+that policy's ``app_ids``). Catalog instances of that app (coordinators' sidecars serving a
+DCS) are therefore not reachable through this proxy.
 """
 
 from __future__ import annotations
@@ -21,6 +40,7 @@ from typing import Any
 
 import h11
 
+from teemesh.coordinator.catalog_client import CatalogClient, Unavailable
 from teemesh.errors import MeshError, PeerError
 from teemesh.logs import log_event
 from teemesh.net.relay import TcpLeg, join
@@ -42,6 +62,10 @@ from teemesh.sidecar.clientproxy_core import (
     json_response,
     parse_target,
     refusal_error,
+    relayed_response,
+    vpc_app_ids,
+    vpc_headers,
+    vpc_path,
 )
 from teemesh.sidecar.config import Route
 from teemesh.sidecar.egress import EgressListener, _Attempt
@@ -184,11 +208,16 @@ class _Dialer(EgressListener):
 
 
 class ClientProxyListener:
-    def __init__(self, plane: Plane, agent: str | None) -> None:
+    def __init__(
+        self, plane: Plane, agent: str | None, catalog: CatalogClient | None = None
+    ) -> None:
         """``agent``: the guest agent's endpoint (None: ``DSTACK_SIMULATOR_ENDPOINT`` or the
-        default socket, as for admission)."""
+        default socket, as for admission); ``catalog``: the sidecar's connection to the
+        coordinators, which VPC requests take (None: they get 503)."""
         self.plane = plane
         self.agent = agent
+        self.catalog = catalog
+        self.vpc_apps = vpc_app_ids(plane.config.coordinator_policy)
         self.dialer = _Dialer(plane)
         self.tasks: set[asyncio.Task[None]] = set()
 
@@ -205,6 +234,8 @@ class ClientProxyListener:
             target = parse_target(request.header_map())
             if target is None:
                 client.reply(await self._local(request))
+            elif target.app in self.vpc_apps:
+                client.reply(await self._vpc(request))
             else:
                 await self._forward(client, request, target)
         except ProxyError as exc:
@@ -292,6 +323,29 @@ class ClientProxyListener:
         if rest:
             client.send([rest])
         join(client, leg)
+
+    # -- the coordinators' VPC API --------------------------------------------------------------
+
+    async def _vpc(self, request: Request) -> bytes:
+        target = vpc_path(request.target)
+        plane = self.plane
+        if request.method not in ROUTED_METHODS:
+            raise ProxyError(405, f"{request.method} is not routed")
+        if self.catalog is None or plane.draining or plane.at_capacity():
+            raise ProxyError(503, "the sidecar is not taking new connections")
+        plane.pending += 1
+        try:
+            reply = await self.catalog.raw(request.method, target, request.body,
+                                           vpc_headers(request.headers))  # fmt: skip
+        except Unavailable as exc:
+            raise ProxyError(502, str(exc)) from exc
+        except MeshError as exc:
+            raise ProxyError(502, f"the coordinator's answer broke off: {exc}") from exc
+        finally:
+            plane.pending -= 1
+        log_event(log, "vpc_forwarded", logging.DEBUG, method=request.method, status=reply.status,
+                  path=target.partition("?")[0], coordinator=reply.url)  # fmt: skip
+        return relayed_response(reply.status, reply.headers, reply.body)
 
     # -- local answers ------------------------------------------------------------------------
 

@@ -5,6 +5,9 @@ Where dstack-vpc is lax, this is strict: a bad ``x-dstack-target-port`` is a 400
 header (dstack-vpc silently falls back to 443), and an app id must be hex. The ``use-tls``
 header is parsed for compatibility only: the hop between sidecars is always the mesh's mutual
 TLS, with the peer's identity checked before a byte of the request is sent.
+
+A target app that is the coordinators' (``vpc_app_ids``) names dstack-vpc's VPC server, which
+in teemesh the coordinators serve: only its ``/api/`` paths are passed on (``vpc_path``).
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote
 
+from teemesh.attest.dstack import default_app_id
+from teemesh.encoding import parse_hex
 from teemesh.identity.svid import SvidIdentity
 from teemesh.sidecar.config import SidecarConfig
 from teemesh.sidecar.routing import Instance, live_instances_of
@@ -37,6 +42,9 @@ _HOP_BY_HOP = frozenset(
     b"content-length".split()
 )
 """Request headers not forwarded: the proxy frames the one request it forwards itself."""
+VPC_PREFIX = "/api/"
+_VPC_DROPPED = _HOP_BY_HOP | {b"host"}
+"""Not passed to a coordinator besides ``x-dstack-target-*``: it names itself (``Host``)."""
 
 
 class ProxyError(Exception):
@@ -102,6 +110,60 @@ def forwarded_request(method: str, target: str, headers: Iterable[tuple[bytes, b
         lines.append(b"Content-Length: " + str(len(body)).encode())
     lines.append(b"Connection: close")
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def vpc_app_ids(coordinator_policy: Mapping[str, Any]) -> frozenset[str]:
+    """The app ids that name the coordinators' VPC API: those the sidecar's coordinator policy
+    pins (``app_ids``), else dstack's default app id of each compose hash it admits (its first
+    20 bytes); none when it states neither. Lowercase hex."""
+    pinned = coordinator_policy.get("app_ids")
+    if pinned is not None:
+        return frozenset(parse_hex(a, field="app_ids", size=20).hex() for a in pinned)
+    hashes = coordinator_policy.get("compose_hashes") or ()
+    return frozenset(
+        default_app_id(parse_hex(h, field="compose_hashes", size=32)).hex() for h in hashes
+    )
+
+
+def vpc_path(target: str) -> str:
+    """The request target as a coordinator receives it, if its path is the VPC API's (under
+    ``/api/``, no dot segment even percent-encoded); else ProxyError(404) naming the path. The
+    rest of a coordinator's API is never reached with this sidecar's certificate."""
+    path = target.partition("?")[0]
+    segments = unquote(path).replace("\\", "/").split("/")
+    if not path.startswith(VPC_PREFIX) or {".", ".."} & set(segments):
+        raise ProxyError(404, f"the coordinators serve only the VPC API ({VPC_PREFIX}...) "
+                              f"through this proxy, not {path[:80]!r}")  # fmt: skip
+    return target
+
+
+def vpc_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """The headers a coordinator receives: the client's but ``x-dstack-target-*``, the
+    hop-by-hop ones and ``Host``."""
+    return [
+        (name.decode("latin-1"), value.decode("latin-1"))
+        for name, value in headers
+        if not name.lower().startswith(TARGET_PREFIX.encode()) and name.lower() not in _VPC_DROPPED
+    ]
+
+
+def relayed_response(status: int, headers: Iterable[tuple[str, str]], body: bytes) -> bytes:
+    """A coordinator's answer as the client receives it: its status, content type and body,
+    framed by the proxy (Content-Length, then close)."""
+    content_type = next((v for k, v in headers if k.lower() == "content-type"), None)
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = ""
+    lines = [f"HTTP/1.1 {status} {phrase}"]
+    if content_type is not None:
+        lines.append(f"Content-Type: {_no_newline(content_type)}")
+    lines += [f"Content-Length: {len(body)}", "Connection: close"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def _no_newline(value: str) -> str:
+    return value.replace("\r", " ").replace("\n", " ")
 
 
 def backends_at(config: SidecarConfig, port: int) -> frozenset[str]:

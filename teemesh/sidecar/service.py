@@ -121,7 +121,8 @@ class Sidecar:
             # imported here: only a sidecar offering dstack-vpc's client proxy needs it
             from teemesh.sidecar.clientproxy import ClientProxyListener, agent_endpoint  # noqa: PLC0415
 
-            proxy = ClientProxyListener(self.plane, agent_endpoint(self.admission.launch))
+            proxy = ClientProxyListener(self.plane, agent_endpoint(self.admission.launch),
+                                        self.catalog)  # fmt: skip
             host, port = split_host_port(config.client_proxy.listen)
             self.servers.append(await loop.create_server(proxy, host, port, backlog=1024))
         if config.contrast is not None:

@@ -23,6 +23,10 @@ from teemesh.sidecar.clientproxy_core import (
     identity_problem,
     parse_target,
     refusal_error,
+    relayed_response,
+    vpc_app_ids,
+    vpc_headers,
+    vpc_path,
 )
 from teemesh.sidecar.config import Backend, Route, SidecarConfig, ViaGateway
 from teemesh.sidecar.routing import Instance, live_instances_of
@@ -211,3 +215,52 @@ def test_gateway_domain() -> None:
     assert gateway_domain(config()) == ""
     via = ViaGateway("127.0.0.1:443", "apps.example.com")
     assert gateway_domain(config(via_gateway=via)) == "apps.example.com"
+
+
+# -- the coordinators' VPC API ----------------------------------------------------------------
+
+HASH = "12" * 8 + "34" * 24
+
+
+def test_the_coordinators_app_ids_are_what_their_policy_states() -> None:
+    assert vpc_app_ids({}) == frozenset()
+    assert vpc_app_ids({"compose_hashes": []}) == frozenset()
+    # dstack's default: the first 20 bytes of each compose hash
+    assert vpc_app_ids({"compose_hashes": [HASH.upper(), "0x" + "56" * 32]}) == {
+        HASH[:40], "56" * 20,
+    }  # fmt: skip
+    # pinned app ids win: the default is only a guess when the policy names none
+    assert vpc_app_ids({"compose_hashes": [HASH], "app_ids": [APP.upper()]}) == {APP}
+    assert vpc_app_ids({"compose_hashes": [HASH], "app_ids": []}) == frozenset()
+
+
+@pytest.mark.parametrize("target", ["/api/register?instance_id=x", "/api/nodes/update?uuid=a",
+                                    "/api/discover/etcd", "/api/nodes/a%20b", "/api/ping"])  # fmt: skip
+def test_vpc_paths_pass_as_they_are(target: str) -> None:
+    assert vpc_path(target) == target
+
+
+@pytest.mark.parametrize("target", [
+    "/", "/api", "/apix/register", "/v1/catalog/register", "/v1/ca?x=/api/",
+    "/api/../v1/catalog", "/api/%2e%2e/v1/catalog", "/api/%2E%2E%2Fv1/catalog",
+    "/api/./register", "/api/..\\v1", "http://vpc-server/api/register", "*",
+])  # fmt: skip
+def test_only_the_vpc_api_is_reached(target: str) -> None:
+    with pytest.raises(ProxyError) as caught:
+        vpc_path(target)
+    assert caught.value.status == 404
+    assert repr(target.partition("?")[0]) in str(caught.value)
+
+
+def test_what_a_coordinator_receives_and_what_comes_back() -> None:
+    headers = [(b"host", b"vpc-server"), (b"x-dstack-target-app", APP.encode()),
+               (b"X-Dstack-Target-Port", b"8000"), (b"connection", b"keep-alive"),
+               (b"content-length", b"3"), (b"transfer-encoding", b"chunked"),
+               (b"content-type", b"application/json"), (b"x-custom", b"kept")]  # fmt: skip
+    assert vpc_headers(headers) == [("content-type", "application/json"), ("x-custom", "kept")]
+    reply = relayed_response(403, [("server", "x"), ("Content-Type", "application/json")],
+                             b'{"error":"Forbidden"}')  # fmt: skip
+    assert reply == (b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 21\r\nConnection: close\r\n\r\n{\"error\":\"Forbidden\"}")  # fmt: skip
+    odd = relayed_response(599, [("content-type", "text/plain\r\nX-Injected: 1")], b"")
+    assert odd.startswith(b"HTTP/1.1 599 \r\nContent-Type: text/plain  X-Injected: 1\r\n")

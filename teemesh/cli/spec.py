@@ -19,20 +19,21 @@ if TYPE_CHECKING:
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(spec_path: Path, as_json: bool) -> None:
     """Check a cluster spec and show its CVMs, addresses, route VIPs and admission policy."""
-    from teemesh.spec import cluster_policy, load_spec, plan_cluster  # noqa: PLC0415
+    from teemesh.spec import app_ids, cluster_policy, load_spec, plan_cluster  # noqa: PLC0415
 
     try:
         laid_out = plan_cluster(load_spec(spec_path))
         policy = cluster_policy(laid_out)
+        ids = app_ids(laid_out.spec)
     except MeshError as exc:
         fail(exc)
     if as_json:
-        print_json({**laid_out.to_json(), "policy": policy})
+        print_json({**laid_out.to_json(), "policy": policy, "app_ids": ids})
         return
-    _print_plan(laid_out, policy)
+    _print_plan(laid_out, policy, ids)
 
 
-def _print_plan(laid_out: Plan, policy: dict[str, Any]) -> None:
+def _print_plan(laid_out: Plan, policy: dict[str, Any], ids: dict[str, str]) -> None:
     spec = laid_out.spec
     coordinators = spec.coordinators
     stdout.print(
@@ -68,6 +69,9 @@ def _print_plan(laid_out: Plan, policy: dict[str, Any]) -> None:
     ]  # fmt: skip
     title = f"admission policy (tee {policy['tee']})"
     stdout.print(grid(title, ("group", "compose hash", "peer ids", "services"), groups))
+    stdout.print()
+    stdout.print(grid("app ids (dstack-vpc's x-dstack-target-app; the coordinators' is the VPC "
+                      "server)", ("app", "app id"), list(ids.items())))  # fmt: skip
     for warning in laid_out.warnings:
         click.echo(f"warning: {warning}", err=True)
 

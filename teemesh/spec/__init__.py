@@ -39,6 +39,7 @@ from teemesh.spec.model import (
 from teemesh.spec.plan import Cvm, Plan, PlannedRoute, plan_cluster
 from teemesh.spec.render import (
     app_id,
+    app_ids,
     cluster_policy,
     command_env,
     coordinator_attest_policy,
@@ -62,6 +63,7 @@ __all__ = [
     "Route",
     "WorkloadGroup",
     "app_id",
+    "app_ids",
     "cluster_policy",
     "command_env",
     "coordinator_attest_policy",

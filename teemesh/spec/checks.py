@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterator
 
+from teemesh.checks import split_host_port
 from teemesh.encoding import DNS_LABEL
 from teemesh.spec.model import (
     DCS_PEER_PORT,
@@ -22,6 +23,8 @@ from teemesh.spec.model import (
 )
 
 MAX_CVMS = 4096
+LOOPBACK = "127.0.0.1"
+"""Where a replica's backends and its sidecar's API listen."""
 MAX_SERVED_ROUTES = 10_000
 """Each route takes a loopback VIP of 127.77.0.0/16 in every CVM, and a listener."""
 
@@ -34,6 +37,7 @@ def spec_problems(spec: ClusterSpec) -> list[str]:
         *_backend_problems(spec),
         *_route_problems(spec),
         *_route_count_problems(spec),
+        *_compat_problems(spec),
     ]
 
 
@@ -178,6 +182,42 @@ def _route_problems(spec: ClusterSpec) -> Iterator[str]:
                 other = vips.setdefault(route.vip, route_name)
                 if other != route_name:
                     yield f"{where}.vip: {route.vip} already used by route {other}"
+
+
+def _compat_problems(spec: ClusterSpec) -> Iterator[str]:
+    """The anchors' interfaces: their listeners in a replica's CVM, whom they name."""
+    vpc = spec.coordinators.vpc
+    if vpc is not None and vpc.allowed != "any":
+        unknown = [g for g in vpc.allowed if g not in spec.workload_groups]
+        if unknown:
+            yield f"coordinators.vpc.allowed: no workload group named {', '.join(unknown)}"
+    callers_allowed = set(spec.workload_groups) | ({"gateway"} if spec.gateway else set())
+    for name, group in spec.workload_groups.items():
+        compat = group.compat
+        if compat is None:
+            continue
+        where = f"workload_groups.{name}.compat"
+        # what already listens in the replica's CVM: (what, host, port); "" is every address
+        taken = [("the sidecar's ingress port", "", spec.sidecar.ingress),
+                 ("the sidecar's API port", LOOPBACK, spec.sidecar.api)]  # fmt: skip
+        taken += [(f"backend {b}", LOOPBACK, backend.port) for b, backend in group.backends.items()]
+        for field, listener in (("client_proxy", compat.client_proxy), ("auth", compat.auth)):
+            if listener is None:
+                continue
+            host, port = split_host_port(listener.listen)
+            try:
+                host = "" if ipaddress.ip_address(host).is_unspecified else host
+            except ValueError:
+                yield f"{where}.{field}.listen: {host!r} is not an IP address to listen on"
+                continue
+            for what, other_host, other_port in taken:
+                if port == other_port and (host == other_host or "" in (host, other_host)):
+                    yield f"{where}.{field}.listen: port {port} is also {what}"
+            taken.append((f"compat.{field}", host, port))
+        if compat.auth is not None and compat.auth.callers is not None:
+            unknown = [c for c in compat.auth.callers if c not in callers_allowed]
+            if unknown:
+                yield f"{where}.auth.callers: no group named {', '.join(unknown)}"
 
 
 def _route_count_problems(spec: ClusterSpec) -> Iterator[str]:

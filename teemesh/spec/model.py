@@ -118,12 +118,41 @@ class Dcs(Frozen):
     vip: Vip | None = None
 
 
+class Vpc(Frozen):
+    """dstack-vpc's VPC API, served by the coordinators from the catalog, to the apps of
+    ``allowed``: ``any`` or workload group names (the policy names their app ids)."""
+
+    allowed: Literal["any"] | tuple[Label, ...]
+
+
 class Coordinators(Frozen):
     count: int = Field(1, ge=1, le=7)
     store: Literal["embedded", "etcd"] = "embedded"
     """embedded: SQLite in the one coordinator; etcd: a catalog several coordinators share."""
     port: Port = 8443
     dcs: Dcs | None = None
+    vpc: Vpc | None = None
+
+
+class ClientProxySpec(Frozen):
+    """dstack-vpc's header-routed client proxy in each replica's sidecar."""
+
+    listen: HostPort = "127.0.0.1:8091"
+
+
+class AuthSpec(Frozen):
+    """dstack-vpc's auth service for nginx's ``auth_request`` in each replica's sidecar."""
+
+    listen: HostPort = "127.0.0.1:8092"
+    callers: tuple[Label, ...] | None = None
+    """Groups it answers 200 for (others 403); left out: every group of the cluster."""
+
+
+class Compat(Frozen):
+    """The anchors' interfaces a group's apps were written for (``teemesh.sidecar``)."""
+
+    client_proxy: ClientProxySpec | None = None
+    auth: AuthSpec | None = None
 
 
 class Kms(Frozen):
@@ -212,6 +241,7 @@ class WorkloadGroup(Frozen):
     environment of the local command."""
     backends: dict[Label, Backend] = Field(default_factory=dict)
     routes: dict[Label, Route] = Field(default_factory=dict, max_length=MAX_ROUTES)
+    compat: Compat | None = None
 
     @field_validator("command", mode="before")
     @classmethod

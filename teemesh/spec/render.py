@@ -41,6 +41,8 @@ def group_app_compose(spec: ClusterSpec, group: str) -> bytes:
         "backends": {n: b.model_dump(mode="json") for n, b in g.backends.items()},
         "routes": {n: _measured_route(r) for n, r in g.routes.items()},
     }
+    if g.compat is not None:  # only when set: specs without it keep their compose hash
+        mesh["compat"] = g.compat.model_dump(mode="json", exclude_none=True)
     public = any(b.public for b in g.backends.values())
     return app_compose_json(
         _dstack_fields(spec, f"{spec.cluster}-{group}", text or "", sorted(g.compose_env))
@@ -126,7 +128,20 @@ def cluster_policy(plan: Plan, platform_key: str | None = None) -> dict[str, Any
     doc: dict[str, Any] = {"cluster": spec.cluster, "tee": spec.tee}
     if platform_key is not None:
         doc["platform_key"] = platform_key
+    vpc = spec.coordinators.vpc
+    if vpc is not None:
+        allowed = "any" if vpc.allowed == "any" else [app_id(spec, g) for g in vpc.allowed]
+        doc["vpc"] = {"allowed_apps": allowed}
     return doc | {"groups": groups}
+
+
+def app_ids(spec: ClusterSpec) -> dict[str, str]:
+    """Every app's id where the platform derives it from the compose hash: each workload group
+    and the platform's own roles. The coordinators' is the one dstack-vpc apps call the VPC
+    server (``x-dstack-target-app``)."""
+    ids = {name: app_id(spec, name) for name in spec.workload_groups}
+    roles = ["coordinator", *(["gateway"] if spec.gateway is not None else [])]
+    return ids | {r: default_app_id(compose_hash(system_app_compose(spec, r))).hex() for r in roles}
 
 
 def coordinator_attest_policy(plan: Plan, platform_key: str | None = None) -> dict[str, Any]:
@@ -234,6 +249,9 @@ def sidecar_config(
         for name, b in (group.backends.items() if group else ())
     }
     extra: dict[str, Any] = {}
+    compat = spec.workload_groups[cvm.group].compat if cvm.role == "workload" else None
+    if compat is not None:
+        extra |= compat.model_dump(mode="json", exclude_none=True)
     if cvm.role == "gateway":
         if gateway is None:
             raise InputError("the gateway CVM's sidecar needs its gateway settings", field="CVM")

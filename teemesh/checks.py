@@ -69,6 +69,11 @@ def _loopback(value: str) -> str:
     return value
 
 
+def _loopback_host_port(value: str) -> str:
+    _loopback(split_host_port(value)[0])
+    return value
+
+
 _DOMAIN = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9-]{1,63}")
 
 
@@ -83,6 +88,8 @@ Domain = Annotated[str, Check(_domain)]
 Address = Annotated[str, Check(_address)]
 HostPort = Annotated[str, Check(_host_port)]
 Loopback = Annotated[str, Check(_loopback)]
+LoopbackHostPort = Annotated[str, Check(_loopback_host_port)]
+"""``HOST:PORT`` on loopback: for listeners that act as this CVM and so must stay inside it."""
 Port = Annotated[int, Ge(1), Le(65535)]
 Health = Literal["passing", "warning", "critical"]
 """A catalog instance's health, as Consul names it."""

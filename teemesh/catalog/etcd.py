@@ -236,7 +236,9 @@ class EtcdStore(Store):
                 request = http.build_request("POST", endpoint + path, json=body, timeout=timeout)
             try:
                 return await http.send(request, stream=timeout is not None)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            except (httpx.ConnectError, httpx.ConnectTimeout, ssl.SSLError) as exc:
+                # ssl.SSLError: with TLS 1.3 a member refuses a client certificate after the
+                # handshake, as an alert httpx lets through on the first read
                 failures.append(f"{endpoint}: {exc or type(exc).__name__}")
                 self._current = (self._current + 1) % len(self.endpoints)
             except httpx.HTTPError as exc:
@@ -374,7 +376,7 @@ class _EtcdWatch(Watch):
             line = ""
             while not line.strip():
                 line = await asyncio.wait_for(anext(self._lines), timeout)
-        except (StopAsyncIteration, httpx.HTTPError, httpx.StreamError) as exc:
+        except (StopAsyncIteration, httpx.HTTPError, httpx.StreamError, ssl.SSLError) as exc:
             ending = self._ending()  # closed or ended meanwhile: say so, not "stream ended"
             if ending is not None:
                 raise ending from None

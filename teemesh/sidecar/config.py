@@ -23,6 +23,7 @@ from teemesh.checks import (
     HostPort,
     Label,
     Loopback,
+    LoopbackHostPort,
     Port,
     split_host_port,
 )
@@ -155,7 +156,8 @@ class ClientProxy:
     mesh (``teemesh.sidecar.clientproxy``); the port picks a backend through ``routes``."""
 
     __pydantic_config__ = STRICT
-    listen: HostPort = "127.0.0.1:8091"
+    listen: LoopbackHostPort = "127.0.0.1:8091"
+    """Loopback only: whoever reaches it speaks as this CVM, in the mesh and to its agent."""
 
 
 @dataclass(frozen=True)

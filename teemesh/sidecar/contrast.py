@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from annotated_types import MaxLen, MinLen
 
-from teemesh.checks import STRICT, Address, Check, Loopback, Port
+from teemesh.checks import STRICT, Address, Check, Loopback, Port, split_host_port
 
 if TYPE_CHECKING:
     from teemesh.sidecar.config import SidecarConfig
@@ -282,21 +282,7 @@ def proxy_problems(config: SidecarConfig) -> list[str]:
         problems.append(f"contrast: the ingress listeners bind address {config.address}; give "
                         "the CVM's own address (the apps bind 127.0.0.1)")  # fmt: skip
     for listener in listeners:
-        what = f"contrast: port {listener.port} ({listener.name})"
-        if listener.target == config.address:
-            problems.append(f"{what}: a listener on {config.address} would relay to itself; "
-                            "the app binds loopback, the sidecar the CVM's address")  # fmt: skip
-        if listener.port == config.ingress_port:
-            problems.append(f"{what}: is the sidecar's own ingress port")
-        if listener.port == proxy.admin_port and listener.mode == "mtls":
-            problems.append(f"{what}: is the admin port too")
-        elif listener.port == proxy.admin_port:
-            problems.append(f"{what}: is the admin port (plain HTTP): list it with disableTLS "
-                            "true (the exemption Contrast needs) or not at all")  # fmt: skip
-        open_port = listener.mode != "mtls" and listener.backend is not None
-        if open_port and config.callers_of(str(listener.backend)) is not None:
-            problems.append(f"{what}: backend {listener.backend} admits only some groups (its "
-                            "routes' callers), so it needs client certificates")  # fmt: skip
+        problems += _inbound_problems(config, proxy, listener)
     vips = {(config.vips()[n], r.port): n for n, r in config.routes.items()}
     for entry in proxy.egress:
         route = vips.get((entry.listen_ip, entry.listen_port))
@@ -304,6 +290,40 @@ def proxy_problems(config: SidecarConfig) -> list[str]:
             problems.append(f"contrast: egress {entry.name} listens where route {route} does "
                             f"({entry.listen_ip}:{entry.listen_port})")  # fmt: skip
     return problems
+
+
+def _inbound_problems(config: SidecarConfig, proxy: ContrastProxy, listener: Inbound) -> list[str]:
+    what = f"contrast: port {listener.port} ({listener.name})"
+    problems = []
+    if listener.target == config.address:
+        problems.append(f"{what}: a listener on {config.address} would relay to itself; "
+                        "the app binds loopback, the sidecar the CVM's address")  # fmt: skip
+    if listener.port == config.ingress_port:
+        problems.append(f"{what}: is the sidecar's own ingress port")
+    own = _sidecar_ports(config)
+    if listener.backend is None and listener.port in own:
+        problems.append(f"{what}: is {own[listener.port]}, which stays inside the CVM (it acts "
+                        "as this CVM)")  # fmt: skip
+    if listener.port == proxy.admin_port and listener.mode == "mtls":
+        problems.append(f"{what}: is the admin port too")
+    elif listener.port == proxy.admin_port:
+        problems.append(f"{what}: is the admin port (plain HTTP): list it with disableTLS "
+                        "true (the exemption Contrast needs) or not at all")  # fmt: skip
+    open_port = listener.mode != "mtls" and listener.backend is not None
+    if open_port and config.callers_of(str(listener.backend)) is not None:
+        problems.append(f"{what}: backend {listener.backend} admits only some groups (its "
+                        "routes' callers), so it needs client certificates")  # fmt: skip
+    return problems
+
+
+def _sidecar_ports(config: SidecarConfig) -> dict[int, str]:
+    """The sidecar's own loopback services, by port: none may be opened to the network."""
+    own = {split_host_port(config.api)[1]: "the sidecar's API"}
+    if config.client_proxy is not None:
+        own[split_host_port(config.client_proxy.listen)[1]] = "the client proxy"
+    if config.auth is not None:
+        own[split_host_port(config.auth.listen)[1]] = "the auth service"
+    return own
 
 
 def contrast_from_json(doc: dict[str, Any] | None) -> ContrastProxy | None:

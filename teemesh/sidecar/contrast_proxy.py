@@ -60,17 +60,23 @@ class ContrastListeners:
     async def start(self, ready: Callable[[], bool]) -> list[asyncio.Server]:
         """Open every listener (the ingress ports, egress, admin); ``ready``: for ``/ready``."""
         loop, address = asyncio.get_running_loop(), self.config.address
-        servers = []
-        for listener in inbound(self.config):
-            factory = self._inbound_factory(listener)
-            servers.append(await loop.create_server(factory, address, listener.port, backlog=1024))
-        for entry in self.settings.egress:
-            factory = self._egress_factory(entry)
-            servers.append(await loop.create_server(factory, entry.listen_ip, entry.listen_port,
-                                                    backlog=1024))  # fmt: skip
-        if self.settings.admin_port:
-            servers.append(await api.serve_http(address, self.settings.admin_port,
-                                                lambda r: self._admin(r, ready)))  # fmt: skip
+        servers: list[asyncio.Server] = []
+        try:
+            for listener in inbound(self.config):
+                factory = self._inbound_factory(listener)
+                servers.append(await loop.create_server(factory, address, listener.port,
+                                                        backlog=1024))  # fmt: skip
+            for entry in self.settings.egress:
+                factory = self._egress_factory(entry)
+                listen = (entry.listen_ip, entry.listen_port)
+                servers.append(await loop.create_server(factory, *listen, backlog=1024))
+            if self.settings.admin_port:
+                servers.append(await api.serve_http(address, self.settings.admin_port,
+                                                    lambda r: self._admin(r, ready)))  # fmt: skip
+        except BaseException:  # a port taken: close what opened, or it would listen on, unowned
+            for server in servers:
+                server.close()
+            raise
         log_event(log, "contrast_listening", address=address,
                   ingress=[f"{i.port}/{i.mode}" for i in inbound(self.config)],
                   egress=[f"{e.listen_ip}:{e.listen_port}" for e in self.settings.egress],

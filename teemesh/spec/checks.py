@@ -23,7 +23,7 @@ from teemesh.spec.model import (
 )
 
 MAX_CVMS = 4096
-LOOPBACK = "127.0.0.1"
+LOOPBACK_HOST = "127.0.0.1"
 """Where a replica's backends and its sidecar's API listen."""
 MAX_SERVED_ROUTES = 10_000
 """Each route takes a loopback VIP of 127.77.0.0/16 in every CVM, and a listener."""
@@ -199,8 +199,8 @@ def _compat_problems(spec: ClusterSpec) -> Iterator[str]:
         where = f"workload_groups.{name}.compat"
         # what already listens in the replica's CVM: (what, host, port); "" is every address
         taken = [("the sidecar's ingress port", "", spec.sidecar.ingress),
-                 ("the sidecar's API port", LOOPBACK, spec.sidecar.api)]  # fmt: skip
-        taken += [(f"backend {b}", LOOPBACK, backend.port) for b, backend in group.backends.items()]
+                 ("the sidecar's API port", LOOPBACK_HOST, spec.sidecar.api)]  # fmt: skip
+        taken += [(f"backend {n}", LOOPBACK_HOST, b.port) for n, b in group.backends.items()]
         for field, listener in (("client_proxy", compat.client_proxy), ("auth", compat.auth)):
             if listener is None:
                 continue

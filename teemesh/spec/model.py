@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, NamedTuple
 from pydantic import AfterValidator, Field, PrivateAttr, field_validator
 
 from teemesh.attest.policy import Hex32
-from teemesh.checks import Domain, HostPort, Label, Port
+from teemesh.checks import Domain, HostPort, Label, LoopbackHostPort, Port
 from teemesh.config import Frozen
 from teemesh.sidecar.config import HealthCheck
 
@@ -137,7 +137,8 @@ class Coordinators(Frozen):
 class ClientProxySpec(Frozen):
     """dstack-vpc's header-routed client proxy in each replica's sidecar."""
 
-    listen: HostPort = "127.0.0.1:8091"
+    listen: LoopbackHostPort = "127.0.0.1:8091"
+    """Loopback only: whoever reaches it speaks as the CVM, in the mesh and to its agent."""
 
 
 class AuthSpec(Frozen):

@@ -60,7 +60,11 @@ http {{
         location / {{
             auth_request /auth;
             auth_request_set $app_id $upstream_http_x_dstack_app_id;
+            auth_request_set $group $upstream_http_x_teemesh_group;
+            auth_request_set $peer $upstream_http_x_teemesh_peer;
             proxy_set_header X-Dstack-App-Id $app_id;
+            proxy_set_header X-Teemesh-Group $group;
+            proxy_set_header X-Teemesh-Peer $peer;
             proxy_pass http://127.0.0.1:{backend};
         }}
         location = /auth {{
@@ -176,15 +180,18 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         yield Site(mesh, home, f"https://127.0.0.1:{port}", home / "web-ca.crt")
 
 
-def test_the_backend_sees_the_callers_app_id_and_never_a_forged_one(site: Site) -> None:
+def test_the_backend_sees_the_callers_identity_and_never_a_forged_one(site: Site) -> None:
     with site.mesh.admitted("web-0", WEB_COMPOSE, "web") as (svid, _agent):
         flags = site.client_files("web-0", svid)
-        status, body = site.curl("/orders", *flags, "-H", f"X-Dstack-App-Id: {FORGED_APP_ID}")
+        forged = ["-H", f"X-Dstack-App-Id: {FORGED_APP_ID}", "-H", "X-Teemesh-Group: admin",
+                  "-H", "X-Teemesh-Peer: admin-0"]  # fmt: skip
+        status, body = site.curl("/orders", *flags, *forged)
     assert status == 200, body
     seen = json.loads(body)
     app_id = read_svid(svid.certificate.public_bytes(Encoding.DER), "demo").app_id
     assert app_id is not None
     assert seen["x-dstack-app-id"] == app_id.hex() != FORGED_APP_ID
+    assert (seen["x-teemesh-group"], seen["x-teemesh-peer"]) == ("web", "web-0")
 
 
 def test_without_a_certificate_a_forged_app_id_gets_401(site: Site) -> None:

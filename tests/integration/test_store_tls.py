@@ -155,18 +155,27 @@ def test_every_coordinator_cvm_derives_the_same_ca(catalog: Catalog) -> None:
         assert all(f.stat().st_mode & 0o077 == 0 for f in member.tls.iterdir())
 
 
+def presenting(ca: StoreCa, trusted: StoreCa) -> ssl.SSLContext:
+    """A client presenting a certificate of ``ca`` that trusts the real members (``trusted``),
+    so only the members' own check can refuse it."""
+    return tls_context(server=False, identity=ca.issue_leaf("coordinator"),
+                       verify=cert_pem(trusted.cert))  # fmt: skip
+
+
 def test_another_apps_derived_ca_is_refused(catalog: Catalog) -> None:
-    impostor = derived(catalog.workload)
-    assert impostor.cert != derived(catalog.coordinator).cert
-    context = impostor.client_context("coordinator")
+    impostor, real = derived(catalog.workload), derived(catalog.coordinator)
+    assert impostor.cert != real.cert
+    assert asyncio.run(roundtrip(catalog.endpoints, presenting(real, real))) == b"v"  # control
     with pytest.raises(StoreError):
-        asyncio.run(roundtrip(catalog.endpoints, context))
+        asyncio.run(roundtrip(catalog.endpoints, presenting(impostor, real)))
 
 
 def test_the_dcs_ca_does_not_open_the_catalog(catalog: Catalog) -> None:
-    context = derived(catalog.coordinator, "dcs").client_context("coordinator")
+    real = derived(catalog.coordinator)
     with pytest.raises(StoreError):
-        asyncio.run(roundtrip(catalog.endpoints, context))
+        asyncio.run(
+            roundtrip(catalog.endpoints, presenting(derived(catalog.coordinator, "dcs"), real))
+        )
 
 
 def test_tls_without_a_client_certificate_is_refused(catalog: Catalog) -> None:

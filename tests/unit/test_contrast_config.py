@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_sidecar_config import BASE as SIDECAR_BASE
 
 from teemesh.config import ConfigError
 from teemesh.errors import InputError
@@ -30,15 +31,8 @@ from teemesh.sidecar.contrast import (
     with_environment,
 )
 
-PEM = "-----BEGIN PUBLIC KEY-----\nplatform\n-----END PUBLIC KEY-----\n"
-BASE: dict[str, Any] = {
-    "cluster": "demo",
-    "group": "web",
-    "peer_id": "web-1",
-    "coordinators": ["https://127.0.0.1:8443/"],
-    "coordinator_policy": {"tee": "simulated", "platform_key": PEM},
-    "address": "10.0.0.1",
-    "backends": {"web": {"port": 8080}, "metrics": {"port": 9100}},
+BASE: dict[str, Any] = SIDECAR_BASE | {
+    "backends": {"web": {"port": 8080}, "metrics": {"port": 9100}}
 }
 IN, OUT, ADMIN = "EDG_INGRESS_PROXY_CONFIG", "EDG_EGRESS_PROXY_CONFIG", "EDG_ADMIN_PORT"
 
@@ -275,6 +269,23 @@ def test_disabled_ingress_opens_no_listener() -> None:
     assert config.contrast is not None
     assert inbound(config) == []
     assert inbound(sidecar()) == []  # no setting at all
+
+
+@pytest.mark.parametrize(
+    ("entry", "what"),
+    [("api#7001#true", "the sidecar's API"), ("cp#8091#true", "the client proxy"),
+     ("auth#8092#false", "the auth service")],
+)  # fmt: skip
+def test_the_sidecars_own_loopback_services_stay_inside(entry: str, what: str) -> None:
+    config = sidecar(api="127.0.0.1:7001", client_proxy={"listen": "127.0.0.1:8091"},
+                     auth={"listen": "127.0.0.1:8092"})  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        with_environment(config, {IN: entry})
+    name, port = entry.split("#")[:2]
+    assert info.value.problems == [
+        f"contrast: port {port} ({name}): is {what}, which stays inside the CVM (it acts as "
+        "this CVM)"
+    ]
 
 
 def test_checks_against_the_sidecar_config() -> None:

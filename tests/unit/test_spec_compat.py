@@ -123,7 +123,7 @@ def test_unknown_groups_are_named() -> None:
          "ingress port"),
         ({"client_proxy": {"listen": "127.0.0.3:9000"}, "auth": {"listen": "127.0.0.3:9000"}},
          "auth.listen: port 9000 is also compat.client_proxy"),
-        ({"client_proxy": {"listen": "localhost:9000"}}, "client_proxy.listen: 'localhost' is not "
+        ({"auth": {"listen": "localhost:9000"}}, "auth.listen: 'localhost' is not "
          "an IP address to listen on"),
     ],
 )  # fmt: skip
@@ -135,6 +135,14 @@ def test_a_compat_listener_may_not_take_a_backends_port() -> None:
     doc = spec_doc()
     doc[W]["api"]["compat"] = {"client_proxy": {"listen": "127.0.0.1:8080"}}
     assert problems(doc) == [f"{W}.api.compat.client_proxy.listen: port 8080 is also backend api"]
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:8091", "10.0.0.5:8091", "localhost:8091"])
+def test_the_client_proxy_listens_on_loopback_only(listen: str) -> None:
+    """Whoever reaches it speaks as the CVM: in the mesh, to the VPC API, to its agent."""
+    (problem,) = problems(spec_doc(compat={"client_proxy": {"listen": listen}}))
+    assert problem.startswith(f"{W}.web.compat.client_proxy.listen: ")
+    assert "loopback" in problem
 
 
 def test_other_loopback_addresses_are_other_places() -> None:

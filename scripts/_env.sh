@@ -39,5 +39,12 @@ ensure_venv() {
   fi
   step "installing teemesh${1:+[$1]} into .venv"
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT${1:+[$1]}"
+  # the runtime dependencies at the image's locked versions (requirements/image.lock), so the
+  # tests run what the image ships; pip takes no hashes in a constraints file, so they go
+  local constraints
+  constraints="$(mktemp)"
+  sed -n 's/^\([A-Za-z0-9._-]*==[^ \\]*\).*/\1/p' "$ROOT/requirements/image.lock" >"$constraints"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -c "$constraints" \
+    -e "$ROOT${1:+[$1]}"
+  rm -f "$constraints"
 }

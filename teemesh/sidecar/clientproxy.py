@@ -9,6 +9,19 @@ dstack-vpc checks the app id after the response, once the request has reached th
 The target's ingress still applies its ``callers``. The response is relayed as it comes, and
 the connection closes after it (later client bytes are never forwarded).
 
+Identity headers (``X-Dstack-App-Id``, ``x-teemesh-group``, ``x-teemesh-peer``,
+``x-client-verify``, ``x-client-cert``) are never forwarded, to a backend or to a coordinator:
+a backend must take the caller's identity only from the auth service behind nginx (or from the
+mesh: its sidecar's ``callers``), never from a header a client could set.
+
+Each client connection may hold up to ``MAX_BODY`` for up to ``REQUEST_TIMEOUT`` before
+anything else bounds it, so the open ones are counted from ``connection_made`` and those beyond
+``MAX_CLIENTS`` (or the sidecar's ``max_connections``, if lower) get a 503 and are closed at once.
+
+The guest-agent fallback serves only ``Info``, ``GetQuote``, ``Attest``, ``Verify`` and
+``Version`` (403 for the others): dstack-vpc lets anything that reaches its port get the app's
+keys and emit events; an app inside the CVM has the guest agent's socket for those.
+
 The VPC server. dstack-vpc's nodes reach their VPC server through this proxy with
 ``x-dstack-target-app: <the server's app id>``; in teemesh the coordinators serve that API
 (``/api/register``, ``/api/nodes/update``, ``/api/discover/<type>``, ...), and they are not
@@ -19,24 +32,26 @@ digits) goes to a coordinator instead, over the sidecar's own catalog connection
 this CVM's SVID to coordinators whose RA-TLS certificates the admission helper verified, with
 the catalog's failover. The coordinator authenticates the SVID and allows the app by its
 policy's ``vpc.allowed_apps``, so a node's identity is the attested one. Only ``/api/`` paths
-are passed on (others: 404), with method, query and body; ``x-dstack-target-*``, ``Host`` and
-hop-by-hop headers are dropped; the other target headers (port, instance, TLS) mean nothing
-here. The coordinator's status and body come back whole. ``vpc-server`` is not accepted as an
-app id: an app is given the coordinators' app id where dstack-vpc reads the VPC server's, from
-the deployment: ``teemesh plan --json`` lists it as ``app_ids.coordinator``, and it is the
-first 40 hex digits of the compose hash in the sidecar config's ``coordinator_policy`` (or
-that policy's ``app_ids``). Catalog instances of that app (coordinators' sidecars serving a
-DCS) are therefore not reachable through this proxy.
+and ``/health`` (exactly: the VPC server's health check) are passed on (others: 404), with
+method, query and body; ``x-dstack-target-*``, ``Host``, hop-by-hop and identity headers are
+dropped; the other target headers (port, instance, TLS) mean nothing here. The coordinator's
+status and body come back whole. ``vpc-server`` is not accepted as an app id: an app is given
+the coordinators' app id where dstack-vpc reads the VPC server's, from the deployment:
+``teemesh plan --json`` lists it as ``app_ids.coordinator``, and it is the first 40 hex digits
+of the compose hash in the sidecar config's ``coordinator_policy`` (or that policy's
+``app_ids``). Catalog instances of that app (coordinators' sidecars serving a DCS) are
+therefore not reachable through this proxy.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import h11
 
@@ -78,6 +93,23 @@ REQUEST_TIMEOUT = 30.0
 """The whole request (head and body) must arrive within this: a slow client is cut (408)."""
 MAX_HEAD = 16 * 1024
 """Request line and headers; above it, 431."""
+MAX_CLIENTS = 256
+"""Open client connections at most (fewer if the sidecar's ``max_connections`` is lower); the
+next is answered 503 and closed. A fixed bound rather than ``max_connections`` alone (default
+10000): that one counts tunnels, whose relays are flow-controlled, while each proxy connection
+may buffer a whole ``MAX_BODY`` (10 MiB) for ``REQUEST_TIMEOUT`` before it is dialed. 256 keeps
+that worst case to 2.5 GiB and is far above what one workload's HTTP clients hold open to its
+own sidecar."""
+_T = TypeVar("_T")
+
+
+class Clients:
+    """The proxy's open client connections, counted from ``connection_made`` to
+    ``connection_lost``, against ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
 
 
 @dataclass(frozen=True)
@@ -96,9 +128,11 @@ class ProxyLeg(TcpLeg):
     """The client's connection: one request parsed here, then (routed) joined to a tunnel, of
     which only the response direction carries bytes."""
 
-    def __init__(self, on_request: Callable[[ProxyLeg, Request], None]) -> None:
+    def __init__(self, on_request: Callable[[ProxyLeg, Request], None], clients: Clients) -> None:
         super().__init__()
         self.on_request = on_request
+        self.clients = clients
+        self.counted = False
         self.http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         self.request: h11.Request | None = None
         self.body = bytearray()
@@ -107,11 +141,21 @@ class ProxyLeg(TcpLeg):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        self.clients.open += 1
+        self.counted = True
+        if self.clients.open > self.clients.limit:
+            log_event(log, "proxy_full", logging.DEBUG, open=self.clients.open)
+            full = f"the client proxy holds {self.clients.limit} connections already"
+            self.reply(error_response(ProxyError(503, full)))
+            return
         loop = asyncio.get_running_loop()
         self.timer = loop.call_later(REQUEST_TIMEOUT, self._too_slow)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_timer()
+        if self.counted:
+            self.counted = False
+            self.clients.open -= 1
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -220,9 +264,10 @@ class ClientProxyListener:
         self.vpc_apps = vpc_app_ids(plane.config.coordinator_policy)
         self.dialer = _Dialer(plane)
         self.tasks: set[asyncio.Task[None]] = set()
+        self.clients = Clients(min(MAX_CLIENTS, plane.config.max_connections))
 
     def __call__(self) -> ProxyLeg:
-        return ProxyLeg(self._received)
+        return ProxyLeg(self._received, self.clients)
 
     def _received(self, client: ProxyLeg, request: Request) -> None:
         task = asyncio.get_running_loop().create_task(self._handle(client, request))
@@ -246,23 +291,32 @@ class ClientProxyListener:
             log.exception("client proxy request failed")
             client.reply(error_response(ProxyError(500, f"internal error: {type(exc).__name__}")))
 
+    @contextlib.contextmanager
+    def _admitted(self, request: Request, way_out: _T | None) -> Iterator[_T]:
+        """The gate of both ways into the mesh: a routed method (else 405), a sidecar taking
+        connections and ``way_out`` there (else 503), which is yielded; the request is counted
+        in ``pending`` while it is under way."""
+        plane = self.plane
+        if request.method not in ROUTED_METHODS:
+            raise ProxyError(405, f"{request.method} is not routed")
+        if way_out is None or plane.draining or plane.at_capacity():
+            raise ProxyError(503, "the sidecar is not taking new connections")
+        plane.pending += 1
+        try:
+            yield way_out
+        finally:
+            plane.pending -= 1
+
     # -- into the mesh ------------------------------------------------------------------------
 
     async def _forward(self, client: ProxyLeg, request: Request, target: Target) -> None:
         plane = self.plane
-        if request.method not in ROUTED_METHODS:
-            raise ProxyError(405, f"{request.method} is not routed")
-        if plane.draining or plane.at_capacity() or plane.client_context is None:
-            raise ProxyError(503, "the sidecar is not taking new connections")
-        found = candidates(plane.instances.instances.values(), target,
-                           backends_at(plane.config, target.port))  # fmt: skip
-        outbound = forwarded_request(request.method, request.target, request.headers,
-                                     request.body)  # fmt: skip
-        plane.pending += 1
-        try:
+        with self._admitted(request, plane.client_context):
+            found = candidates(plane.instances.instances.values(), target,
+                               backends_at(plane.config, target.port))  # fmt: skip
+            outbound = forwarded_request(request.method, request.target, request.headers,
+                                         request.body)  # fmt: skip
             await self._open(client, target, found, outbound)
-        finally:
-            plane.pending -= 1
 
     async def _open(self, client: ProxyLeg, target: Target, found: list[Instance],
                     outbound: bytes) -> None:  # fmt: skip
@@ -328,21 +382,14 @@ class ClientProxyListener:
 
     async def _vpc(self, request: Request) -> bytes:
         target = vpc_path(request.target)
-        plane = self.plane
-        if request.method not in ROUTED_METHODS:
-            raise ProxyError(405, f"{request.method} is not routed")
-        if self.catalog is None or plane.draining or plane.at_capacity():
-            raise ProxyError(503, "the sidecar is not taking new connections")
-        plane.pending += 1
-        try:
-            reply = await self.catalog.raw(request.method, target, request.body,
-                                           vpc_headers(request.headers))  # fmt: skip
-        except Unavailable as exc:
-            raise ProxyError(502, str(exc)) from exc
-        except MeshError as exc:
-            raise ProxyError(502, f"the coordinator's answer broke off: {exc}") from exc
-        finally:
-            plane.pending -= 1
+        with self._admitted(request, self.catalog) as catalog:
+            try:
+                reply = await catalog.raw(request.method, target, request.body,
+                                          vpc_headers(request.headers))  # fmt: skip
+            except Unavailable as exc:
+                raise ProxyError(502, str(exc)) from exc
+            except MeshError as exc:
+                raise ProxyError(502, f"the coordinator's answer broke off: {exc}") from exc
         log_event(log, "vpc_forwarded", logging.DEBUG, method=request.method, status=reply.status,
                   path=target.partition("?")[0], coordinator=reply.url)  # fmt: skip
         return relayed_response(reply.status, reply.headers, reply.body)

@@ -7,7 +7,20 @@ header is parsed for compatibility only: the hop between sidecars is always the 
 TLS, with the peer's identity checked before a byte of the request is sent.
 
 A target app that is the coordinators' (``vpc_app_ids``) names dstack-vpc's VPC server, which
-in teemesh the coordinators serve: only its ``/api/`` paths are passed on (``vpc_path``).
+in teemesh the coordinators serve: only its ``/api/`` paths and ``/health`` are passed on
+(``vpc_path``).
+
+Identity headers are never forwarded, to a backend or to a coordinator: ``X-Dstack-App-Id``,
+``x-teemesh-group``, ``x-teemesh-peer``, ``x-client-verify`` and ``x-client-cert``, in any case
+(``IDENTITY_HEADERS``), are dropped, as any client can write them. A backend must take the
+caller's identity only from the auth service behind nginx (which overwrites them from the
+verified client certificate) or from the mesh (the target sidecar's ``callers``), never from a
+header a client could set.
+
+The guest-agent fallback serves only the methods that reveal no secret and change no
+measurement (``AGENT_METHODS``): dstack-vpc passes any method, so anything that reaches its
+port gets the app's keys (``GetKey``, ``GetTlsKey``, ``Sign``) and extends its RTMRs
+(``EmitEvent``). Those are 403 here; an app inside the CVM has the guest agent's socket.
 """
 
 from __future__ import annotations
@@ -42,8 +55,17 @@ _HOP_BY_HOP = frozenset(
     b"content-length".split()
 )
 """Request headers not forwarded: the proxy frames the one request it forwards itself."""
+IDENTITY_HEADERS = frozenset(
+    b"x-dstack-app-id x-teemesh-group x-teemesh-peer x-client-verify x-client-cert".split()
+)
+"""The caller's identity as nginx's auth service states it (``authservice``): never forwarded,
+as a client could have written them."""
+_DROPPED = _HOP_BY_HOP | IDENTITY_HEADERS
+AGENT_METHODS = frozenset({"Info", "GetQuote", "Attest", "Verify", "Version"})
+"""The guest-agent methods the fallback serves: none reveals a secret or extends an RTMR."""
 VPC_PREFIX = "/api/"
-_VPC_DROPPED = _HOP_BY_HOP | {b"host"}
+VPC_HEALTH = "/health"
+_VPC_DROPPED = _DROPPED | {b"host"}
 """Not passed to a coordinator besides ``x-dstack-target-*``: it names itself (``Host``)."""
 
 
@@ -98,18 +120,20 @@ def _hex_id(value: str, header: str) -> str:
 
 def forwarded_request(method: str, target: str, headers: Iterable[tuple[bytes, bytes]],
                       body: bytes) -> bytes:  # fmt: skip
-    """The HTTP/1.1 request the backend receives: every header but ``x-dstack-target-*`` and
-    the hop-by-hop ones, Host included; the body framed by Content-Length; one request only."""
+    """The HTTP/1.1 request the backend receives: every header but ``x-dstack-target-*``, the
+    hop-by-hop ones and the identity ones (``IDENTITY_HEADERS``), Host included; the body
+    framed by Content-Length; one request only."""
     lines = [f"{method} {target} HTTP/1.1".encode()]
-    for name, value in headers:
-        lower = name.lower()
-        if lower.startswith(TARGET_PREFIX.encode()) or lower in _HOP_BY_HOP:
-            continue
-        lines.append(name + b": " + value)
+    lines += [name + b": " + value for name, value in headers if _kept(name, _DROPPED)]
     if body or method in ("POST", "PUT", "PATCH"):
         lines.append(b"Content-Length: " + str(len(body)).encode())
     lines.append(b"Connection: close")
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def _kept(name: bytes, dropped: frozenset[bytes]) -> bool:
+    lower = name.lower()
+    return not lower.startswith(TARGET_PREFIX.encode()) and lower not in dropped
 
 
 def vpc_app_ids(coordinator_policy: Mapping[str, Any]) -> frozenset[str]:
@@ -127,9 +151,12 @@ def vpc_app_ids(coordinator_policy: Mapping[str, Any]) -> frozenset[str]:
 
 def vpc_path(target: str) -> str:
     """The request target as a coordinator receives it, if its path is the VPC API's (under
-    ``/api/``, no dot segment even percent-encoded); else ProxyError(404) naming the path. The
-    rest of a coordinator's API is never reached with this sidecar's certificate."""
+    ``/api/``, no dot segment even percent-encoded) or the VPC server's ``/health`` (exactly);
+    else ProxyError(404) naming the path. The rest of a coordinator's API is never reached with
+    this sidecar's certificate."""
     path = target.partition("?")[0]
+    if path == VPC_HEALTH:
+        return target
     segments = unquote(path).replace("\\", "/").split("/")
     if not path.startswith(VPC_PREFIX) or {".", ".."} & set(segments):
         raise ProxyError(404, f"the coordinators serve only the VPC API ({VPC_PREFIX}...) "
@@ -139,11 +166,11 @@ def vpc_path(target: str) -> str:
 
 def vpc_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
     """The headers a coordinator receives: the client's but ``x-dstack-target-*``, the
-    hop-by-hop ones and ``Host``."""
+    hop-by-hop ones, the identity ones and ``Host``."""
     return [
         (name.decode("latin-1"), value.decode("latin-1"))
         for name, value in headers
-        if not name.lower().startswith(TARGET_PREFIX.encode()) and name.lower() not in _VPC_DROPPED
+        if _kept(name, _VPC_DROPPED)
     ]
 
 
@@ -151,6 +178,11 @@ def relayed_response(status: int, headers: Iterable[tuple[str, str]], body: byte
     """A coordinator's answer as the client receives it: its status, content type and body,
     framed by the proxy (Content-Length, then close)."""
     content_type = next((v for k, v in headers if k.lower() == "content-type"), None)
+    return _response(status, content_type, body)
+
+
+def _response(status: int, content_type: str | None, body: bytes) -> bytes:
+    """A whole HTTP/1.1 response framed by the proxy: Content-Length, then close."""
     try:
         phrase = HTTPStatus(status).phrase
     except ValueError:
@@ -218,7 +250,8 @@ def refusal_error(refusal: Refusal, instance: Instance) -> ProxyError:
 
 def agent_method(path: str) -> str | None:
     """The guest-agent method a fallback path names: its last segment PascalCased
-    (``/get_quote`` -> ``GetQuote``); None for ``/gateway``; ProxyError(404) if none."""
+    (``/get_quote`` -> ``GetQuote``); None for ``/gateway``; ProxyError(404) if none,
+    ProxyError(403) naming it if it is not one of ``AGENT_METHODS``."""
     path = path.partition("?")[0]
     if path.strip("/").lower() == "gateway":
         return None
@@ -226,6 +259,10 @@ def agent_method(path: str) -> str | None:
     name = "".join(part[:1].upper() + part[1:] for part in re.split(r"[_-]", segment))
     if not _AGENT_METHOD.fullmatch(name):
         raise ProxyError(404, f"no guest-agent method in {path[:80]!r}")
+    if name not in AGENT_METHODS:
+        raise ProxyError(403, f"the guest-agent method {name} is not served through this proxy "
+                              f"(only {', '.join(sorted(AGENT_METHODS))}); an app inside the CVM "
+                              "calls the guest agent's socket for it")  # fmt: skip
     return name
 
 
@@ -248,14 +285,7 @@ def agent_args(method: str, target: str, body: bytes) -> dict[str, Any]:
 
 def json_response(status: int, doc: Any) -> bytes:
     """A whole HTTP/1.1 response the proxy gives itself, closing the connection."""
-    body = json.dumps(doc, indent=1).encode() + b"\n"
-    try:
-        phrase = HTTPStatus(status).phrase
-    except ValueError:
-        phrase = ""
-    head = (f"HTTP/1.1 {status} {phrase}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")  # fmt: skip
-    return head.encode() + body
+    return _response(status, "application/json", json.dumps(doc, indent=1).encode() + b"\n")
 
 
 def error_response(error: ProxyError) -> bytes:

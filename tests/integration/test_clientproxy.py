@@ -164,6 +164,23 @@ def test_a_request_reaches_the_target_app_and_its_response_streams_back(world: W
     assert not [k for k, _ in request["headers"] if k.startswith("x-dstack-target-")]
 
 
+def test_forged_identity_headers_do_not_reach_the_backend(world: World) -> None:
+    """A backend written for dstack-vpc may trust ``X-Dstack-App-Id``; only the auth service
+    behind nginx may state it, so the proxy drops any a client wrote, in any case."""
+    world.seen.requests.clear()
+    forged = {"X-Dstack-App-Id": "ee" * 20, "x-teemesh-group": "admin",
+              "X-TEEMESH-PEER": "admin-0", "x-client-verify": "SUCCESS",
+              "X-Client-Cert": "-----BEGIN%20CERTIFICATE", "x-custom": "kept"}  # fmt: skip
+    reply = httpx.get(f"http://127.0.0.1:{world.web}/who", headers=target(world, **forged),
+                      timeout=10)  # fmt: skip
+    assert (reply.status_code, reply.text) == (200, "first;GET /who")
+    (request,) = world.seen.requests
+    names = {k for k, _ in request["headers"]}
+    assert "x-custom" in names
+    assert not names & {"x-dstack-app-id", "x-teemesh-group", "x-teemesh-peer",
+                        "x-client-verify", "x-client-cert"}  # fmt: skip
+
+
 def test_one_instance_by_its_id(world: World) -> None:
     headers = target(world, **{"x-dstack-target-instance": world.db_instance})
     reply = httpx.get(f"http://127.0.0.1:{world.web}/one", headers=headers, timeout=10)
@@ -203,9 +220,28 @@ def test_the_guest_agent_fallback(world: World) -> None:
     assert httpx.get(f"{base}/info").json() == world.web_info
     assert httpx.post(f"{base}/Info", content=b"{}").json() == world.web_info
     assert httpx.get(f"{base}/gateway").json() == {"gateway_domain": ""}
+    assert httpx.get(f"{base}/version").json()["version"]
     unknown = httpx.get(f"{base}/no_such_method")
-    assert unknown.status_code == 502
+    assert unknown.status_code == 403
     assert "NoSuchMethod" in unknown.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("call", "method"),
+    [("GET /get_key?path=x", "GetKey"), ("POST /get_tls_key", "GetTlsKey"),
+     ("POST /sign", "Sign"), ("POST /emit_event", "EmitEvent"), ("GET /prpc/GetKey", "GetKey")],
+)  # fmt: skip
+def test_the_fallback_serves_no_secret_and_no_measurement(world: World, call: str,
+                                                          method: str) -> None:  # fmt: skip
+    """dstack-vpc passes these to dstack.sock for anything that reaches its port."""
+    verb, path = call.split()
+    body = b'{"event": "x", "payload": "00", "data": "00", "algorithm": "secp256k1"}'
+    reply = httpx.request(verb, f"http://127.0.0.1:{world.web}{path}",
+                          content=body if verb == "POST" else None, timeout=10)  # fmt: skip
+    assert reply.status_code == 403
+    error = reply.json()["error"]
+    assert f"method {method} is not served through this proxy" in error
+    assert "key" not in reply.json()
 
 
 def raw(port: int, data: bytes) -> bytes:
@@ -291,9 +327,9 @@ def test_no_byte_reaches_a_server_that_is_not_the_target(world: World) -> None:
 
 
 def test_the_fallback_passes_the_query_as_arguments(world: World) -> None:
-    reply = httpx.get(f"http://127.0.0.1:{world.web}/get_key?path=x", timeout=10)
+    reply = httpx.get(f"http://127.0.0.1:{world.web}/get_quote?report_data=abcd", timeout=10)
     assert reply.status_code == 200
-    assert "key" in json.loads(reply.content)
+    assert json.loads(reply.content)["report_data"] == "abcd" + "00" * 62
 
 
 # -- in one process: a certificate a real coordinator never issues ----------------------------
@@ -349,6 +385,55 @@ async def through_proxy(server_app: str) -> tuple[int, bytes]:
         server.close()
         await server.wait_closed()
     return reply.status_code, bytes(received)
+
+
+async def connection_cap() -> list[bytes]:
+    """Two clients hold the proxy's connections (the bound: ``max_connections`` 2, below
+    ``MAX_CLIENTS``); a third is answered 503; once one has gone, a new one is served."""
+    config = SidecarConfig(cluster="demo", group="web", peer_id="web-0",
+                           coordinators=("https://127.0.0.1:1",), coordinator_policy={},
+                           address="127.0.0.1", routes={"api": Route("api", 8080)},
+                           max_connections=2)  # fmt: skip
+    listener = ClientProxyListener(Plane(config, Metrics()), None)
+    proxy = await asyncio.get_running_loop().create_server(listener, "127.0.0.1", 0)
+    port = proxy.sockets[0].getsockname()[1]
+    health = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+
+    async def ask() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(health)
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        return answer
+
+    answers = []
+    try:
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        for _reader, writer in held:
+            writer.write(b"POST /info HTTP/1.1\r\nHost: x\r\nContent-Length: 9000000\r\n\r\n")
+        for _ in range(100):  # until the proxy has accepted both
+            if listener.clients.open == 2:
+                break
+            await asyncio.sleep(0.01)
+        answers.append(await ask())
+        held[0][1].close()
+        for _ in range(100):
+            if listener.clients.open < 2:
+                break
+            await asyncio.sleep(0.01)
+        answers.append(await ask())
+        held[1][1].close()
+    finally:
+        proxy.close()
+    return answers
+
+
+def test_the_open_connections_are_bounded() -> None:
+    """Each may buffer 10 MiB for 30 s: beyond the bound, 503 at once, before any byte."""
+    full, served = asyncio.run(connection_cap())
+    assert full.startswith(b"HTTP/1.1 503 ")
+    assert b"holds 2 connections already" in full
+    assert served.startswith(b"HTTP/1.1 200 ")
 
 
 def test_a_peer_of_another_app_gets_no_byte() -> None:

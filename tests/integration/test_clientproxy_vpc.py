@@ -121,8 +121,15 @@ def raw(port: int, data: bytes) -> bytes:
         return out
 
 
+def test_the_vpc_servers_health_check_passes(world: World) -> None:
+    """dstack-vpc checks its VPC server's ``/health`` through the mesh: a coordinator answers."""
+    reply = vpc(world.web, "GET", "/health")
+    assert (reply.status_code, reply.text) == (200, "OK")
+    assert vpc(world.web, "GET", "/health/x").status_code == 404
+
+
 def test_only_the_vpc_api_is_reached(world: World) -> None:
-    for path in ("/v1/catalog", "/health", "/v1/catalog/register"):
+    for path in ("/v1/catalog", "/healthz", "/v1/catalog/register"):
         reply = vpc(world.web, "GET" if "register" not in path else "POST", path)
         assert reply.status_code == 404
         assert repr(path) in reply.json()["error"]

@@ -21,6 +21,7 @@ from teemesh.sidecar.clientproxy_core import (
     forwarded_request,
     gateway_domain,
     identity_problem,
+    json_response,
     parse_target,
     refusal_error,
     relayed_response,
@@ -120,6 +121,22 @@ def test_the_forwarded_request_keeps_host_and_drops_the_target_headers() -> None
     assert b"Content-Length" not in forwarded_request("GET", "/", [], b"")
 
 
+FORGED = [(b"X-Dstack-App-Id", b"ee" * 20), (b"x-dstack-app-id", b"ee" * 20),
+          (b"X-TEEMESH-GROUP", b"admin"), (b"x-teemesh-peer", b"admin-0"),
+          (b"X-Client-Verify", b"SUCCESS"), (b"x-client-cert", b"-----BEGIN%20CERT")]  # fmt: skip
+
+
+def test_identity_headers_are_never_forwarded() -> None:
+    """A client can write them; a backend written for dstack-vpc may trust them."""
+    headers = [(b"host", b"db"), *FORGED, (b"x-custom", b"1")]
+    head = forwarded_request("GET", "/", headers, b"").partition(b"\r\n\r\n")[0]
+    assert head.split(b"\r\n") == [b"GET / HTTP/1.1", b"host: db", b"x-custom: 1",
+                                   b"Connection: close"]  # fmt: skip
+    assert vpc_headers([(b"host", b"vpc-server"), *FORGED, (b"x-custom", b"1")]) == [
+        ("x-custom", "1")
+    ]
+
+
 # -- where it goes ---------------------------------------------------------------------------
 
 
@@ -186,11 +203,25 @@ def test_refusals_become_statuses() -> None:
 
 @pytest.mark.parametrize(
     ("path", "method"),
-    [("/info", "Info"), ("/get_quote", "GetQuote"), ("/prpc/GetKey?x=1", "GetKey"),
-     ("/get-tls-key/", "GetTlsKey"), ("/gateway", None), ("/GATEWAY/", None)],
+    [("/info", "Info"), ("/get_quote", "GetQuote"), ("/prpc/Attest?x=1", "Attest"),
+     ("/verify/", "Verify"), ("/Version", "Version"), ("/gateway", None), ("/GATEWAY/", None)],
 )  # fmt: skip
 def test_agent_methods(path: str, method: str | None) -> None:
     assert agent_method(path) == method
+
+
+@pytest.mark.parametrize(
+    ("path", "method"),
+    [("/get_key?path=x", "GetKey"), ("/prpc/GetKey", "GetKey"), ("/get-tls-key/", "GetTlsKey"),
+     ("/sign", "Sign"), ("/emit_event", "EmitEvent"), ("/derive_key", "DeriveKey"),
+     ("/no_such_method", "NoSuchMethod")],
+)  # fmt: skip
+def test_agent_methods_with_secrets_or_effects_are_refused(path: str, method: str) -> None:
+    """dstack-vpc passes any method: its keys and RTMRs to anything that reaches the port."""
+    with pytest.raises(ProxyError) as caught:
+        agent_method(path)
+    assert caught.value.status == 403
+    assert f"method {method} is not served through this proxy" in str(caught.value)
 
 
 @pytest.mark.parametrize("path", ["/", "/a/..", "/x%20y", "/_", "/" + "a" * 100])
@@ -235,7 +266,8 @@ def test_the_coordinators_app_ids_are_what_their_policy_states() -> None:
 
 
 @pytest.mark.parametrize("target", ["/api/register?instance_id=x", "/api/nodes/update?uuid=a",
-                                    "/api/discover/etcd", "/api/nodes/a%20b", "/api/ping"])  # fmt: skip
+                                    "/api/discover/etcd", "/api/nodes/a%20b", "/api/ping",
+                                    "/health"])  # fmt: skip
 def test_vpc_paths_pass_as_they_are(target: str) -> None:
     assert vpc_path(target) == target
 
@@ -244,6 +276,7 @@ def test_vpc_paths_pass_as_they_are(target: str) -> None:
     "/", "/api", "/apix/register", "/v1/catalog/register", "/v1/ca?x=/api/",
     "/api/../v1/catalog", "/api/%2e%2e/v1/catalog", "/api/%2E%2E%2Fv1/catalog",
     "/api/./register", "/api/..\\v1", "http://vpc-server/api/register", "*",
+    "/health/", "/healthz", "/health/../v1/catalog", "/HEALTH",
 ])  # fmt: skip
 def test_only_the_vpc_api_is_reached(target: str) -> None:
     with pytest.raises(ProxyError) as caught:
@@ -264,3 +297,11 @@ def test_what_a_coordinator_receives_and_what_comes_back() -> None:
                      b"Content-Length: 21\r\nConnection: close\r\n\r\n{\"error\":\"Forbidden\"}")  # fmt: skip
     odd = relayed_response(599, [("content-type", "text/plain\r\nX-Injected: 1")], b"")
     assert odd.startswith(b"HTTP/1.1 599 \r\nContent-Type: text/plain  X-Injected: 1\r\n")
+    assert relayed_response(204, [], b"") == (b"HTTP/1.1 204 No Content\r\nContent-Length: 0"
+                                              b"\r\nConnection: close\r\n\r\n")  # fmt: skip
+
+
+def test_the_proxys_own_answers_are_framed_alike() -> None:
+    assert json_response(404, {"a": 1}) == relayed_response(
+        404, [("Content-Type", "application/json")], b'{\n "a": 1\n}\n'
+    )

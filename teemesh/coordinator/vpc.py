@@ -7,10 +7,18 @@ kept. No Headscale pre-auth key is ever minted: admission by attestation replace
 dstack-vpc's ``etcd`` special case (an etcd update deletes every other etcd node) is not kept:
 it makes a multi-member etcd undiscoverable, and stale nodes are now deleted explicitly.
 
+Nodes have owners, which dstack-vpc's do not: a node records the app (from the creator's
+verified SVID) that created it, and only that app may update or delete it; a node written
+before owners were recorded is claimed by the first app that updates it (or may be deleted by
+any allowed app). The owner is kept in the store only: the replies keep dstack-vpc's shapes.
+The catalog store is shared with the whole mesh, so what callers can put in it is bounded:
+``MAX_NODES_PER_APP`` nodes per app and ``MAX_NODES`` in all, each one a few hundred bytes at
+most; ``/api/nodes`` and discovery, bounded by these, stay unpaginated as in dstack-vpc.
+
 Pure: no store, no HTTP. ``http_vpc`` does the I/O around these.
 
 Store keys (relative to the cluster's prefix):
-  vpc/nodes/<uuid>                  Node, as ``/api/nodes`` lists it
+  vpc/nodes/<uuid>                  Node (``Node.to_bytes``: as listed, plus its owner)
 """
 
 from __future__ import annotations
@@ -26,12 +34,17 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from teemesh.errors import InputError
+from teemesh.errors import InputError, MeshError
 
 NODES = "vpc/nodes/"
 ANY = "any"
 ETCD = "etcd"
-ETCD_CLIENT_PORT = 2379
+DISCOVERED_ETCD_PORT = 2379
+"""The port in discovery's ``hostname_with_port`` for etcd nodes (dstack-vpc's: etcd's default)."""
+MAX_NODES_PER_APP = 256
+"""Nodes one app may hold; its next create is refused (429) until it deletes one."""
+MAX_NODES = 4096
+"""Nodes in all, whichever apps hold them."""
 SHARED_KEY_PATH = "teemesh/vpc-shared-key/v1"
 """The GetKey path of the coordinator app the VPC shared key is derived from."""
 SHARED_KEY_LEN = 64
@@ -51,6 +64,10 @@ Query = Sequence[tuple[str, str]]
 
 class MissingParameter(InputError):
     """A required parameter is absent: dstack's exact 400 reply, ``{"error": <message>}``."""
+
+
+class NodeLimit(MeshError):
+    """A create would take an app, or the whole store, past its node limit (429)."""
 
 
 # -- allowlist -------------------------------------------------------------------------------
@@ -197,15 +214,36 @@ def node_key(uuid: str) -> str:
 
 
 @dataclass(frozen=True)
+class Owner:
+    """Who created a node: the app id (lowercase hex) from its verified SVID decides who may
+    change it; the group and peer are kept to say who in the log."""
+
+    app_id: str
+    group: str = ""
+    peer_id: str = ""
+
+    @property
+    def peer(self) -> str:
+        return f"{self.group}/{self.peer_id}"
+
+    def __str__(self) -> str:
+        return f"app {self.app_id} ({self.peer})"
+
+
+@dataclass(frozen=True)
 class Node:
-    """dstack-vpc's ``NodeInfo``: its ``name`` is always the uuid, so it is not stored."""
+    """dstack-vpc's ``NodeInfo``: its ``name`` is always the uuid, so it is not stored.
+
+    ``owner``: None only in a record written before owners were recorded."""
 
     uuid: str
     node_type: str = ""
     tailscale_ip: str | None = None
     hostname: str | None = None
+    owner: Owner | None = None
 
     def to_json(self) -> dict[str, Any]:
+        """As dstack-vpc lists it: no owner."""
         return {
             "uuid": self.uuid,
             "name": self.uuid,
@@ -215,23 +253,59 @@ class Node:
         }
 
     def to_bytes(self) -> bytes:
-        return json.dumps(self.to_json(), separators=(",", ":")).encode()
+        doc = self.to_json()
+        del doc["name"]
+        if self.owner is not None:
+            o = self.owner
+            doc["owner"] = {"app_id": o.app_id, "group": o.group, "peer_id": o.peer_id}
+        return json.dumps(doc, separators=(",", ":")).encode()
 
     @classmethod
     def from_bytes(cls, value: bytes) -> Node:
         doc = json.loads(value)
-        return cls(doc["uuid"], doc["node_type"], doc["tailscale_ip"], doc["actual_hostname"])
+        o = doc.get("owner")
+        owner = None if o is None else Owner(o["app_id"], o["group"], o["peer_id"])
+        return cls(
+            doc["uuid"], doc["node_type"], doc["tailscale_ip"], doc["actual_hostname"], owner
+        )
 
 
-def merge(held: Node | None, update: NodeUpdate) -> Node:
-    """A new node from the update, or the held one with the fields the update carries."""
+def may_change(node: Node, app_id: str) -> bool:
+    """Only the app that created a node may update or delete it; a node without an owner
+    (written before owners were recorded) any allowed app may."""
+    return node.owner is None or node.owner.app_id == app_id.lower()
+
+
+def merge(held: Node | None, update: NodeUpdate, owner: Owner) -> Node:
+    """A new node of ``owner`` from the update, or the held one with the fields the update
+    carries (and ``owner`` if it had none). The caller checks ``may_change`` first."""
     base = held if held is not None else Node(update.uuid)
-    changes = {
+    changes: dict[str, Any] = {
         "node_type": update.node_type,
         "tailscale_ip": update.tailscale_ip,
         "hostname": update.hostname,
+        "owner": owner if base.owner is None else None,
     }
     return replace(base, **{k: v for k, v in changes.items() if v is not None})
+
+
+def check_room(nodes: Iterable[Node], app_id: str) -> None:
+    """Raise NodeLimit if ``app_id`` may not create one more node next to ``nodes``.
+
+    Checked against a snapshot, so coordinators creating at the same instant may each pass:
+    the limits can be overshot by the creates in flight at once, not more."""
+    app_id = app_id.lower()
+    total = mine = 0
+    for node in nodes:
+        total += 1
+        mine += node.owner is not None and node.owner.app_id == app_id
+    if mine >= MAX_NODES_PER_APP:
+        raise NodeLimit(
+            f"app {app_id} already has {mine} nodes, the limit is {MAX_NODES_PER_APP}: "
+            "delete one (DELETE /api/nodes/<uuid>) before creating another"
+        )
+    if total >= MAX_NODES:
+        raise NodeLimit(f"the VPC already has {total} nodes, the limit is {MAX_NODES}")
 
 
 # -- replies ---------------------------------------------------------------------------------
@@ -267,7 +341,7 @@ def discover_reply(nodes: Iterable[Node], node_type: str) -> dict[str, Any] | No
             "uuid": node.uuid,
         }
         if node_type == ETCD:
-            entry["hostname_with_port"] = f"{node.hostname}:{ETCD_CLIENT_PORT}"
+            entry["hostname_with_port"] = f"{node.hostname}:{DISCOVERED_ETCD_PORT}"
         found.append(entry)
     if not found:
         return None

@@ -3,6 +3,7 @@
 Callers present the SVIDs their workloads were admitted with; the allowlist names the web app
 (in upper case: the comparison ignores case) and not the db app. Nodes written through one
 coordinator are read through another and outlive both; the shared key is the same everywhere.
+With both apps allowed, each may change only the nodes it created.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ from meshkit import DB_COMPOSE, WEB_COMPOSE, Mesh, group_yaml
 from procs import free_port
 
 from teemesh.attest.dstack import compose_hash
+from teemesh.coordinator import vpc
 from teemesh.coordinator.client import Svid
 from teemesh.identity.certs import pem_pair
 
 pytestmark = [pytest.mark.integration, pytest.mark.etcd]
 
 WEB_APP = compose_hash(WEB_COMPOSE)[:20].hex()
+DB_APP = compose_hash(DB_COMPOSE)[:20].hex()
 GROUPS = group_yaml("web", WEB_COMPOSE) + group_yaml("db", DB_COMPOSE)
 VPC_ON = f"vpc:\n  allowed_apps: [{WEB_APP.upper()}]\n"
 
@@ -182,6 +185,8 @@ def test_two_coordinators_serve_one_vpc_as_dstack_vpc_does(world: World) -> None
             200, "pong",
         )  # fmt: skip
         assert (anonymous.get("/health").text, anonymous.head("/health").status_code) == ("OK", 200)
+        for uuid in ("a1", "e1"):  # the next tests start from an empty VPC
+            assert a.delete(f"/api/nodes/{uuid}").status_code == 200
 
 
 def test_nodes_and_the_shared_key_outlive_every_coordinator(world: World) -> None:
@@ -223,3 +228,87 @@ def test_without_a_vpc_section_the_api_is_off_until_the_policy_says_otherwise(wo
             world.mesh.write_policy(GROUPS, top=VPC_ON)
             assert admin.post("/v1/admin/policy/reload", headers=bearer).status_code == 200
         assert world.client(url_b).get("/api/nodes").status_code == 200
+
+
+@contextlib.contextmanager
+def _vpc_policy(world: World, url: str, top: str) -> Iterator[None]:
+    """The policy with ``top`` in force cluster-wide (reloaded through ``url``), then back."""
+    token = (world.mesh.tmp / "coordinator-a" / "admin.token").read_text().strip()
+    bearer = {"Authorization": f"Bearer {token}"}
+    admin = world.client(url, None)
+    try:
+        world.mesh.write_policy(GROUPS, top=top)
+        assert admin.post("/v1/admin/policy/reload", headers=bearer).status_code == 200
+        yield
+    finally:
+        world.mesh.write_policy(GROUPS, top=VPC_ON)
+        assert admin.post("/v1/admin/policy/reload", headers=bearer).status_code == 200
+
+
+def test_a_node_is_changed_only_by_the_app_that_created_it(world: World) -> None:
+    update = "/api/nodes/update"
+    both = f"vpc:\n  allowed_apps: [{WEB_APP}, {DB_APP}]\n"
+    with (
+        world.coordinator("a") as url_a,
+        world.coordinator("b") as url_b,
+        _vpc_policy(world, url_a, both),
+    ):
+        web, db = world.client(url_a, "web-0"), world.client(url_b, "db-0")
+        etcd = {"uuid": "w1", "node_type": "etcd", "hostname": "etcd-w"}
+        assert web.post(update, params=etcd).json() == {"status": "created"}
+        assert db.post(update, params={"uuid": "d1", "hostname": "d-1"}).json() == {
+            "status": "created"
+        }
+        try:
+            # db may neither repoint web's etcd node nor delete it, and the reverse
+            for client, uuid in ((db, "w1"), (web, "d1")):
+                reply = client.post(update, params={"uuid": uuid, "hostname": "evil"})
+                assert (reply.status_code, reply.json()) == (403, {"error": "Forbidden"})
+                reply = client.delete(f"/api/nodes/{uuid}")
+                assert (reply.status_code, reply.json()) == (403, {"error": "Forbidden"})
+            assert (
+                f"vpc: app {DB_APP} (db/db-0): forbidden: may not update node w1, "
+                f"created by app {WEB_APP} (web/web-0)"
+            ) in world.mesh.coordinators[1].output()
+            assert f"app {WEB_APP} (web/web-0): forbidden: may not delete node d1" in (
+                world.mesh.coordinators[0].output()
+            )
+            found = db.get("/api/discover/etcd").json()["nodes"]
+            assert [(n["uuid"], n["hostname"]) for n in found] == [("w1", "etcd-w")]
+            # the listing keeps dstack-vpc's NodeInfo: the owner is not shown
+            assert {n["uuid"]: set(n) for n in web.get("/api/nodes").json()["nodes"]} == {
+                u: {"uuid", "name", "node_type", "tailscale_ip", "actual_hostname"}
+                for u in ("d1", "w1")
+            }
+            # the owner is the app, whichever coordinator it goes through
+            reply = world.client(url_b, "web-0").post(update, params={"uuid": "w1"})
+            assert reply.json() == {"status": "updated"}
+        finally:
+            assert web.delete("/api/nodes/w1").json() == {"status": "deleted"}
+            assert db.delete("/api/nodes/d1").json() == {"status": "deleted"}
+
+
+def test_an_app_cannot_create_more_nodes_than_its_limit(world: World) -> None:
+    update = "/api/nodes/update"
+    uuids = [f"cap{i}" for i in range(vpc.MAX_NODES_PER_APP)]
+    with world.coordinator("a") as url:
+        web = world.client(url)
+        assert web.get("/api/nodes").json()["count"] == 0  # the tests before left none
+        try:
+            for uuid in uuids:
+                assert web.post(update, params={"uuid": uuid}).json() == {"status": "created"}
+            reply = web.post(update, params={"uuid": "one-more"})
+            assert reply.status_code == 429
+            assert reply.json() == {
+                "error": f"app {WEB_APP} already has {vpc.MAX_NODES_PER_APP} nodes, the limit "
+                f"is {vpc.MAX_NODES_PER_APP}: delete one (DELETE /api/nodes/<uuid>) before "
+                "creating another"
+            }
+            reply = web.post(update, params={"uuid": uuids[0], "hostname": "h"})
+            assert reply.json() == {"status": "updated"}  # its own nodes it still updates
+            assert web.get("/api/nodes").json()["count"] == vpc.MAX_NODES_PER_APP
+        finally:
+            for uuid in uuids:
+                web.delete(f"/api/nodes/{uuid}")
+        assert web.post(update, params={"uuid": "one-more"}).json() == {"status": "created"}
+        assert web.delete("/api/nodes/one-more").json() == {"status": "deleted"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import json
 
 import pytest
 from hypothesis import given, settings
@@ -150,17 +151,64 @@ def test_parameters_exactly() -> None:
 # -- records and replies ---------------------------------------------------------------------
 
 
+OWNER_A = vpc.Owner(APP_A, "web", "web-0")
+OWNER_B = vpc.Owner(APP_B, "db", "db-0")
+
+
 def test_an_update_merges_only_the_fields_it_carries() -> None:
-    created = vpc.merge(None, vpc.NodeUpdate("n1", node_type="app"))
-    assert created == vpc.Node("n1", "app", None, None)
-    merged = vpc.merge(created, vpc.NodeUpdate("n1", tailscale_ip="100.64.0.1", hostname="h1"))
-    assert merged == vpc.Node("n1", "app", "100.64.0.1", "h1")
-    assert vpc.merge(merged, vpc.NodeUpdate("n1", node_type="etcd")).hostname == "h1"
+    created = vpc.merge(None, vpc.NodeUpdate("n1", node_type="app"), OWNER_A)
+    assert created == vpc.Node("n1", "app", None, None, OWNER_A)
+    update = vpc.NodeUpdate("n1", tailscale_ip="100.64.0.1", hostname="h1")
+    merged = vpc.merge(created, update, vpc.Owner(APP_A, "web", "web-1"))
+    assert merged == vpc.Node("n1", "app", "100.64.0.1", "h1", OWNER_A)  # the creator stays
+    assert vpc.merge(merged, vpc.NodeUpdate("n1", node_type="etcd"), OWNER_A).hostname == "h1"
     assert vpc.Node.from_bytes(merged.to_bytes()) == merged
     assert merged.to_json() == {
         "uuid": "n1", "name": "n1", "node_type": "app",
         "tailscale_ip": "100.64.0.1", "actual_hostname": "h1",
     }  # fmt: skip
+    assert "owner" in json.loads(merged.to_bytes())  # kept in the store, never listed
+
+
+def test_only_the_app_that_created_a_node_may_change_it() -> None:
+    node = vpc.merge(None, vpc.NodeUpdate("e1", node_type="etcd"), OWNER_A)
+    assert vpc.may_change(node, APP_A) and vpc.may_change(node, APP_A.upper())
+    assert not vpc.may_change(node, APP_B)
+    stored = vpc.Node.from_bytes(node.to_bytes())
+    assert stored == node and stored.owner == OWNER_A  # the store keeps who created it
+    assert str(OWNER_B) == f"app {APP_B} (db/db-0)"  # what the log says
+
+
+def test_a_node_written_before_owners_is_claimed_by_its_first_updater() -> None:
+    before = (
+        b'{"uuid":"e1","name":"e1","node_type":"etcd","tailscale_ip":null,"actual_hostname":"h"}'
+    )
+    legacy = vpc.Node.from_bytes(before)
+    assert legacy == vpc.Node("e1", "etcd", None, "h") and legacy.owner is None
+    assert vpc.may_change(legacy, APP_A) and vpc.may_change(legacy, APP_B)
+    claimed = vpc.merge(legacy, vpc.NodeUpdate("e1"), OWNER_B)  # no field: still a change
+    assert claimed == vpc.Node("e1", "etcd", None, "h", OWNER_B) and claimed != legacy
+    assert not vpc.may_change(claimed, APP_A)
+
+
+def test_nodes_are_limited_per_app_and_in_all() -> None:
+    def owned(owner: vpc.Owner | None, n: int, tag: str) -> list[vpc.Node]:
+        return [vpc.Node(f"{tag}{i}", owner=owner) for i in range(n)]
+
+    assert (vpc.MAX_NODES_PER_APP, vpc.MAX_NODES) == (256, 4096)
+    full = owned(OWNER_A, vpc.MAX_NODES_PER_APP, "a")
+    vpc.check_room(full[1:], APP_A)
+    with pytest.raises(vpc.NodeLimit, match=f"app {APP_A} already has 256 nodes, the limit"):
+        vpc.check_room(full, APP_A.upper())
+    vpc.check_room(full + owned(None, 100, "old"), APP_B)  # another app's, and unowned ones
+    others = [vpc.Owner(f"{i:040x}") for i in range(vpc.MAX_NODES // vpc.MAX_NODES_PER_APP)]
+    store = [n for o in others for n in owned(o, vpc.MAX_NODES_PER_APP, o.app_id)]
+    vpc.check_room(store[1:], APP_A)
+    with pytest.raises(vpc.NodeLimit, match="the VPC already has 4096 nodes, the limit is 4096"):
+        vpc.check_room(store, APP_A)
+    # what a listing can hold is bounded: every node at its largest, ~1 KiB each
+    big = vpc.Node("u" * 128, "t" * 63, "ffff:" * 7 + "ffff", "h" * 253, OWNER_A)
+    assert len(json.dumps(vpc.nodes_reply([big]))) < 1024
 
 
 def test_discovery_lists_the_type_with_host_names_and_etcd_ports() -> None:
@@ -186,6 +234,8 @@ def test_discovery_lists_the_type_with_host_names_and_etcd_ports() -> None:
         "node_type": "app",
     }
     assert vpc.discover_reply(nodes, "mongodb") is None
+    # dstack-vpc's hostname_with_port: etcd's default client port, not the catalog etcd's
+    assert vpc.DISCOVERED_ETCD_PORT == 2379 and not hasattr(vpc, "ETCD_CLIENT_PORT")
     assert vpc.nodes_reply(nodes[:1]) == {"nodes": [nodes[0].to_json()], "count": 1}
 
 

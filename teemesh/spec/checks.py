@@ -18,6 +18,7 @@ from teemesh.spec.model import (
     ETCD_PEER_PORT,
     RESERVED_GROUPS,
     ClusterSpec,
+    ContrastSpec,
     Route,
     WorkloadGroup,
 )
@@ -218,6 +219,67 @@ def _compat_problems(spec: ClusterSpec) -> Iterator[str]:
             unknown = [c for c in compat.auth.callers if c not in callers_allowed]
             if unknown:
                 yield f"{where}.auth.callers: no group named {', '.join(unknown)}"
+        if compat.contrast is not None:
+            yield from _contrast_problems(spec, name, compat.contrast, f"{where}.contrast")
+
+
+CONTRAST_VARIABLES = {"ingress": "CONTRAST_INGRESS_PROXY_CONFIG",
+                      "egress": "CONTRAST_EGRESS_PROXY_CONFIG",
+                      "admin_port": "CONTRAST_ADMIN_PORT"}  # fmt: skip
+"""A spec's ``compat.contrast`` fields, and the variables of Contrast's sidecar they stand for."""
+
+
+def contrast_environment(contrast: ContrastSpec) -> dict[str, str]:
+    """The ``CONTRAST_*`` variables that say what ``contrast`` says."""
+    texts = {field: getattr(contrast, field) for field in CONTRAST_VARIABLES}
+    return {CONTRAST_VARIABLES[f]: str(t) for f, t in texts.items() if t is not None}
+
+
+def _contrast_problems(
+    spec: ClusterSpec, name: str, contrast: ContrastSpec, where: str
+) -> Iterator[str]:
+    """Contrast's grammar, by the sidecar's own parser; then what the sidecar would refuse
+    with the rest of its configuration (ports it already takes, open ports of backends with
+    callers, egress listeners on a route's VIP), as each replica's sidecar will check it."""
+    from teemesh.config import ConfigError  # noqa: PLC0415
+    from teemesh.sidecar import config as sidecar  # noqa: PLC0415
+    from teemesh.sidecar.contrast import from_environment, proxy_problems  # noqa: PLC0415
+
+    try:
+        proxy = from_environment(contrast_environment(contrast))
+    except ConfigError as exc:
+        fields = {var: field for field, var in CONTRAST_VARIABLES.items()}
+        for problem in exc.problems:
+            var, sep, rest = problem.partition(": ")
+            field = fields.get(var) if sep else None
+            yield f"{where}.{field}: {rest}" if field else f"{where}: {problem}"
+        return
+    if proxy is None:
+        return
+    group = spec.workload_groups[name]
+    routes = {}
+    for owner, body in spec.mesh_groups().items():
+        for route_name, (_, route, peer) in body.served_routes(owner):
+            if route.backend not in body.backends:
+                return  # reported with the routes
+            routes[route_name] = sidecar.Route(
+                backend=route.backend, port=body.backends[route.backend].port, role=route.role,
+                peer=peer, callers=route.callers, vip=route.vip,
+            )  # fmt: skip
+    compat = group.compat
+    assert compat is not None
+    config = sidecar.SidecarConfig(
+        cluster=spec.cluster, group=name, peer_id=f"{name}-0", coordinators=("https://x",),
+        coordinator_policy={}, address="192.0.2.1",  # a CVM's address: any but loopback
+        ingress=f"0.0.0.0:{spec.sidecar.ingress}", api=f"{LOOPBACK_HOST}:{spec.sidecar.api}",
+        backends={n: sidecar.Backend(port=b.port) for n, b in group.backends.items()},
+        routes=routes, contrast=proxy,
+        auth=None if compat.auth is None else sidecar.AuthService(listen=compat.auth.listen),
+        client_proxy=None if compat.client_proxy is None else sidecar.ClientProxy(
+            listen=compat.client_proxy.listen),
+    )  # fmt: skip
+    for problem in proxy_problems(config):
+        yield f"{where}: {problem.removeprefix('contrast: ')}"
 
 
 def _route_count_problems(spec: ClusterSpec) -> Iterator[str]:

@@ -13,7 +13,7 @@ import shlex
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, NamedTuple
 
-from pydantic import AfterValidator, Field, PrivateAttr, field_validator
+from pydantic import AfterValidator, Field, PrivateAttr, StrictInt, field_validator
 
 from teemesh.attest.policy import Hex32
 from teemesh.checks import Domain, HostPort, Label, LoopbackHostPort, Port
@@ -149,11 +149,25 @@ class AuthSpec(Frozen):
     """Groups it answers 200 for (others 403); left out: every group of the cluster."""
 
 
+class ContrastSpec(Frozen):
+    """Contrast's sidecar settings for each replica's sidecar, in Contrast's own grammar: the
+    texts its ``CONTRAST_*`` / ``EDG_*`` variables take (checked at plan time by the sidecar's
+    parser, ``teemesh.sidecar.contrast``)."""
+
+    ingress: str | None = Field(None, max_length=65536)
+    """``<name>#<port>#<disableTLS>`` entries joined by ``##``, or ``DISABLED``."""
+    egress: str | None = Field(None, max_length=65536)
+    """``<name>#<127.x.y.z:port>#<host:port>`` entries joined by ``##``."""
+    admin_port: StrictInt | str | None = None
+    """Read-only metrics on ``<the CVM's address>:<port>``; 0 or "": none."""
+
+
 class Compat(Frozen):
     """The anchors' interfaces a group's apps were written for (``teemesh.sidecar``)."""
 
     client_proxy: ClientProxySpec | None = None
     auth: AuthSpec | None = None
+    contrast: ContrastSpec | None = None
 
 
 class Kms(Frozen):

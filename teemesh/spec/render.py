@@ -11,13 +11,16 @@ replicas share one hash and adding a replica admits nothing new.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
 from teemesh.attest.dstack import compose_hash, default_app_id
 from teemesh.attest.simulated import OsImage
 from teemesh.errors import InputError
-from teemesh.spec.model import ClusterSpec, Route
+from teemesh.sidecar.contrast import from_environment
+from teemesh.spec.checks import contrast_environment
+from teemesh.spec.model import ClusterSpec, ContrastSpec, Route
 from teemesh.spec.plan import Cvm, Plan, sidecar_routes
 
 SYSTEM_ROLES = ("coordinator", "kms", "gateway")
@@ -251,7 +254,9 @@ def sidecar_config(
     extra: dict[str, Any] = {}
     compat = spec.workload_groups[cvm.group].compat if cvm.role == "workload" else None
     if compat is not None:
-        extra |= compat.model_dump(mode="json", exclude_none=True)
+        extra |= compat.model_dump(mode="json", exclude_none=True, exclude={"contrast"})
+        if compat.contrast is not None:  # the sidecar's file form: the checked entries
+            extra["contrast"] = _contrast_section(compat.contrast)
     if cvm.role == "gateway":
         if gateway is None:
             raise InputError("the gateway CVM's sidecar needs its gateway settings", field="CVM")
@@ -272,6 +277,13 @@ def sidecar_config(
         "backends": backends,
         "routes": routes,
     }
+
+
+def _contrast_section(contrast: ContrastSpec) -> dict[str, Any] | None:
+    """Contrast's settings, parsed from their own grammar (``checks`` refused a bad one), as
+    the ``contrast`` section of a sidecar's configuration file."""
+    proxy = from_environment(contrast_environment(contrast))
+    return None if proxy is None else json.loads(json.dumps(dataclasses.asdict(proxy)))
 
 
 def command_env(plan: Plan, cvm: Cvm | str) -> dict[str, str]:

@@ -4,6 +4,7 @@ and auth service in its sidecars) and ``coordinators.vpc`` (dstack-vpc's VPC API
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,8 @@ import yaml
 from teemesh.attest.dstack import compose_hash
 from teemesh.config import ConfigError
 from teemesh.coordinator.policy import load_cluster_policy
-from teemesh.sidecar.config import AuthService, ClientProxy, config_from_json
+from teemesh.sidecar.config import AuthService, ClientProxy, config_from_json, parse_sidecar_config
+from teemesh.sidecar.contrast import ContrastProxy, EgressEntry, IngressEntry
 from teemesh.spec import (
     app_id,
     app_ids,
@@ -147,3 +149,114 @@ def test_the_client_proxy_listens_on_loopback_only(listen: str) -> None:
 
 def test_other_loopback_addresses_are_other_places() -> None:
     parse_spec(spec_doc(compat={"client_proxy": {"listen": "127.0.0.2:7001"}}))
+
+
+# -- Contrast's sidecar settings -------------------------------------------------------------
+
+CONTRAST = {"ingress": "open#9090#false##raw#9091#true", "egress": "api#127.0.0.10:8080#api:8080",
+            "admin_port": 9901}  # fmt: skip
+
+
+def test_contrast_settings_reach_the_sidecars_of_their_group_as_the_file_section() -> None:
+    plan = plan_cluster(parse_spec(spec_doc(compat={"contrast": CONTRAST})))
+    pin = coordinator_attest_policy(plan, PEM)
+    doc = sidecar_config(plan, "web-1", plan.coordinator_urls(), pin)
+    assert doc["contrast"] == {
+        "ingress": [{"name": "open", "port": 9090, "disable_tls": False},
+                    {"name": "raw", "port": 9091, "disable_tls": True}],
+        "ingress_disabled": False,
+        "egress": [{"name": "api", "listen_ip": "127.0.0.10", "listen_port": 8080,
+                    "remote_host": "api", "remote_port": 8080}],
+        "admin_port": 9901,
+    }  # fmt: skip
+    expected = ContrastProxy(
+        (IngressEntry("open", 9090, False), IngressEntry("raw", 9091, True)),
+        egress=(EgressEntry("api", "127.0.0.10", 8080, "api", 8080),),
+        admin_port=9901,
+    )
+    # the file form (YAML) and the launch file's JSON read back to the same setting
+    text = yaml.safe_dump({**doc, "coordinator_policy": {**pin, "platform_key": PEM}})
+    assert parse_sidecar_config(yaml.safe_load(text), source="x").contrast == expected
+    assert config_from_json(doc).contrast == expected
+    assert "contrast" not in sidecar_config(plan, "api-0", plan.coordinator_urls(), pin)
+
+
+@pytest.mark.parametrize(
+    ("contrast", "section"),
+    [
+        ({"ingress": "DISABLED"}, {"ingress": [], "ingress_disabled": True, "egress": [],
+                                   "admin_port": None}),
+        ({"ingress": ""}, {"ingress": [], "ingress_disabled": False, "egress": [],
+                           "admin_port": None}),
+        ({"admin_port": "0"}, {"ingress": [], "ingress_disabled": False, "egress": [],
+                               "admin_port": None}),
+    ],
+)  # fmt: skip
+def test_contrast_settings_mean_what_the_variables_do(
+    contrast: dict[str, Any], section: dict[str, Any]
+) -> None:
+    plan = plan_cluster(parse_spec(spec_doc(compat={"contrast": contrast})))
+    pin = coordinator_attest_policy(plan, PEM)
+    assert sidecar_config(plan, "web-0", plan.coordinator_urls(), pin)["contrast"] == section
+
+
+def test_contrast_settings_are_measured() -> None:
+    plain = parse_spec(spec_doc(compat={"client_proxy": {}}))
+    with_contrast = parse_spec(spec_doc(compat={"client_proxy": {}, "contrast": CONTRAST}))
+    measured = json.loads(group_app_compose(with_contrast, "web"))["teemesh"]["compat"]
+    assert measured["contrast"] == CONTRAST
+    assert compose_hash(group_app_compose(with_contrast, "web")) != compose_hash(
+        group_app_compose(plain, "web")
+    )
+    assert group_app_compose(with_contrast, "api") == group_app_compose(plain, "api")
+
+
+@pytest.mark.parametrize(
+    ("contrast", "expected"),
+    [
+        ({"ingress": "web#8080"}, ["ingress: entry 1 'web#8080': expected 3 fields separated "
+                                   "by '#', got 2"]),
+        ({"ingress": "a#1#true##b#x#maybe"}, ["ingress: entry 2 'b#x#maybe': "]),
+        ({"egress": "db#10.0.0.1:5432#db:5432"}, ["egress: entry 1 'db#10.0.0.1:5432#db:5432': "
+                                                  "listen address 10.0.0.1 is not in 127.0.0.0/8"]),
+        ({"admin_port": 70000}, ["admin_port: port 70000 is out of range (0-65535)"]),
+        ({"admin_port": "x", "egress": "a#127.0.0.9:1#b:1##a#127.0.0.8:1#b:1"},
+         ["egress: name 'a' appears in more than one entry", "admin_port: port 'x' is not a "
+          "number"]),
+    ],
+)  # fmt: skip
+def test_malformed_contrast_settings_are_refused_naming_the_entry(
+    contrast: dict[str, Any], expected: list[str]
+) -> None:
+    found = problems(spec_doc(compat={"contrast": contrast}))
+    assert len(found) == len(expected), found
+    for problem, start in zip(found, expected, strict=True):
+        assert problem.startswith(f"{W}.web.compat.contrast.{start}"), problem
+
+
+@pytest.mark.parametrize(
+    ("group", "contrast", "expected"),
+    [
+        ("web", {"ingress": "x#7443#false"}, "port 7443 (x): is the sidecar's own ingress port"),
+        ("web", {"ingress": "x#7001#false"}, "port 7001 (x): is the sidecar's API, which stays "
+                                             "inside the CVM (it acts as this CVM)"),
+        ("api", {"ingress": "api#8080#true"}, "port 8080 (api): backend api admits only some "
+                                              "groups (its routes' callers), so it needs client "
+                                              "certificates"),
+        ("web", {"egress": "api#127.77.0.10:8080#api:8080"}, "egress api listens where route "
+                                                             "api does (127.77.0.10:8080)"),
+    ],
+)  # fmt: skip
+def test_contrast_settings_the_sidecar_would_refuse_are_refused_at_plan_time(
+    group: str, contrast: dict[str, Any], expected: str
+) -> None:
+    doc = spec_doc()
+    doc[W][group]["compat"] = {"contrast": contrast}
+    assert problems(doc) == [f"{W}.{group}.compat.contrast: {expected}"]
+
+
+def test_a_contrast_ingress_leaves_open_backends_without_callers_alone() -> None:
+    doc = spec_doc()
+    doc[W]["web"]["backends"] = {"web": {"port": 8080}}
+    doc[W]["web"]["compat"] = {"contrast": {"ingress": "web#8080#false", "admin_port": 9901}}
+    parse_spec(doc)

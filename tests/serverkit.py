@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import json
 import socketserver
 import threading
 from collections.abc import Iterator
@@ -32,7 +33,9 @@ class Hello(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
-        body = f"hello from {self.server.server_address[0]} {self.path}\n".encode()
+        self.answer(f"hello from {self.server.server_address[0]} {self.path}\n".encode())
+
+    def answer(self, body: bytes) -> None:
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -40,3 +43,10 @@ class Hello(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, *args: object) -> None:
         pass
+
+
+class HeaderEcho(Hello):
+    """HTTP/1.1 GET: the request's headers (lower-case names) as JSON: what a backend saw."""
+
+    def do_GET(self) -> None:
+        self.answer(json.dumps({k.lower(): v for k, v in self.headers.items()}).encode())

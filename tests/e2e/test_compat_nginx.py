@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import textwrap
 import time
@@ -27,6 +26,7 @@ from typing import Any
 import pytest
 import yaml
 from localkit import teemesh
+from nginxkit import auth_server, nginx_binary, nginx_conf
 
 from teemesh.identity.certs import local_web_pki
 from teemesh.spec import parse_spec, plan_cluster
@@ -107,54 +107,10 @@ while not result.get("ok"):
 (run / "server.crt").write_text(result["certificate"])
 (run / "server.key").touch(mode=0o600)
 (run / "server.key").write_text(result["key"])
-user = "user root root;" if os.geteuid() == 0 else ""
-conf = (home / "nginx.conf.in").read_text().format(home=home, run=run, address=address,
-                                                  mesh_ca=mesh_ca, user=user)
-(run / "nginx.conf").write_text(conf)
 sys.stdout.flush()
-os.execv(nginx, [nginx, "-c", str(run / "nginx.conf"), "-p", str(run), "-g", "daemon off;"])
+os.execv(nginx, [nginx, "-c", str(home / "nginx.conf"), "-p", str(run), "-g", "daemon off;"])
 """
-NGINX_CONF = """
-worker_processes 1;
-error_log {run}/error.log info;
-pid {run}/nginx.pid;
-{user}
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {run}/body;
-    proxy_temp_path {run}/proxy;
-    fastcgi_temp_path {run}/fastcgi;
-    uwsgi_temp_path {run}/uwsgi;
-    scgi_temp_path {run}/scgi;
-    server {{
-        listen {address}:8443 ssl;
-        ssl_protocols TLSv1.2 TLSv1.3;  # the mesh speaks 1.3 only (nginx 1.22: not by default)
-        ssl_certificate {run}/server.crt;
-        ssl_certificate_key {run}/server.key;
-        ssl_client_certificate {mesh_ca};
-        ssl_verify_client optional;
-        ssl_verify_depth 3;
-        location = /health {{ return 200 "healthy\\n"; }}
-        location / {{
-            auth_request /auth;
-            auth_request_set $app_id $upstream_http_x_dstack_app_id;
-            auth_request_set $group $upstream_http_x_teemesh_group;
-            auth_request_set $peer $upstream_http_x_teemesh_peer;
-            proxy_set_header X-Dstack-App-Id $app_id;
-            proxy_set_header X-Teemesh-Group $group;
-            proxy_set_header X-Teemesh-Peer $peer;
-            proxy_pass http://127.0.0.1:8080;
-        }}
-        location = /auth {{
-            internal;
-            proxy_pass http://127.0.0.1:8092/auth;
-            proxy_pass_request_body off;
-            proxy_set_header Content-Length "";
-            proxy_set_header X-Client-Cert $ssl_client_escaped_cert;
-            proxy_set_header X-Client-Verify $ssl_client_verify;
-        }}
-    }}
+FOREIGN_SERVER = """
     server {{
         listen {address}:8444 ssl;
         ssl_protocols TLSv1.2 TLSv1.3;
@@ -162,7 +118,6 @@ http {{
         ssl_certificate_key {home}/foreign.key;
         location = /health {{ return 200 "foreign\\n"; }}
     }}
-}}
 """
 
 
@@ -191,15 +146,6 @@ class Cluster:
         return Curl(result.returncode, int(status or 0), body, result.stderr)
 
 
-def nginx_binary() -> str:
-    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
-    if found is None:
-        pytest.fail(
-            "nginx is not installed (Debian: apt-get install nginx-light; scripts/test does)"
-        )
-    return found
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     if os.geteuid() != 0:
@@ -208,7 +154,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     home = tmp_path_factory.mktemp("nginx")
     (home / "echo.py").write_text(ECHO)
     (home / "api.py").write_text(API)
-    (home / "nginx.conf.in").write_text(NGINX_CONF)
     _, (cert, key) = local_web_pki(["teemesh-foreign"])
     (home / "foreign.crt").write_text(cert)
     (home / "foreign.key").touch(mode=0o600)
@@ -216,6 +161,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     draft = plan_cluster(parse_spec(yaml.safe_load(SPEC.format(home=home, nginx=nginx,
                                                                api="127.0.0.1"))))  # fmt: skip
     api = draft.cvm("api-0").address  # where the replicas are does not depend on compat
+    run, mesh_ca = home / "nginx-api-0", home / "state/cvms/coordinator-0/coordinator/mesh-ca.crt"
+    servers = [auth_server(f"{api}:8443", run / "server.crt", run / "server.key", mesh_ca,
+                           backend="127.0.0.1:8080", auth="127.0.0.1:8092"),
+               FOREIGN_SERVER.format(address=api, home=home)]  # fmt: skip
+    (home / "nginx.conf").write_text(nginx_conf(run, servers))
     spec = home / "cluster.yaml"
     spec.write_text(textwrap.dedent(SPEC.format(home=home, nginx=nginx, api=api)))
     plan = teemesh("plan", spec, "--json")

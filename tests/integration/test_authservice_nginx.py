@@ -25,7 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from etcdkit import free_ports, stop_process
 from meshkit import DB_COMPOSE, ROGUE_COMPOSE, WEB_COMPOSE, Mesh
-from serverkit import serving
+from nginxkit import auth_server, nginx_binary, nginx_conf
+from serverkit import HeaderEcho, serving
 from sidecarkit import mesh_policy, run_sidecar
 
 from teemesh.coordinator.client import Svid
@@ -35,65 +36,6 @@ from teemesh.identity.svid import read_svid, spiffe_id
 
 pytestmark = pytest.mark.integration
 FORGED_APP_ID = "ab" * 20
-
-NGINX_CONF = """
-worker_processes 1;
-error_log {home}/error.log info;
-pid {home}/nginx.pid;
-{user}
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {home}/body;
-    proxy_temp_path {home}/proxy;
-    fastcgi_temp_path {home}/fastcgi;
-    uwsgi_temp_path {home}/uwsgi;
-    scgi_temp_path {home}/scgi;
-    server {{
-        listen 127.0.0.1:{port} ssl;
-        ssl_certificate {home}/server.crt;
-        ssl_certificate_key {home}/server.key;
-        ssl_client_certificate {home}/mesh-ca.crt;
-        ssl_verify_client optional;
-        ssl_verify_depth 3;
-        location = /health {{ return 200 "healthy\\n"; }}
-        location / {{
-            auth_request /auth;
-            auth_request_set $app_id $upstream_http_x_dstack_app_id;
-            auth_request_set $group $upstream_http_x_teemesh_group;
-            auth_request_set $peer $upstream_http_x_teemesh_peer;
-            proxy_set_header X-Dstack-App-Id $app_id;
-            proxy_set_header X-Teemesh-Group $group;
-            proxy_set_header X-Teemesh-Peer $peer;
-            proxy_pass http://127.0.0.1:{backend};
-        }}
-        location = /auth {{
-            internal;
-            proxy_pass http://127.0.0.1:{auth}/auth;
-            proxy_pass_request_body off;
-            proxy_set_header Content-Length "";
-            proxy_set_header X-Client-Cert $ssl_client_escaped_cert;
-            proxy_set_header X-Client-Verify $ssl_client_verify;
-        }}
-    }}
-}}
-"""
-
-
-class HeaderEcho(http.server.BaseHTTPRequestHandler):
-    """The backend: the headers it received, as JSON."""
-
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:
-        body = json.dumps({k.lower(): v for k, v in self.headers.items()}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
 
 
 @dataclass
@@ -122,20 +64,13 @@ class Site:
         return ["--cert", str(cert), "--key", str(key)]
 
 
-def nginx_binary() -> str:
-    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
-    if found is None:
-        pytest.fail(
-            "nginx is not installed (Debian: apt-get install nginx-light; scripts/test does)"
-        )
-    return found
-
-
 @contextlib.contextmanager
 def nginx(home: Path, port: int, backend: int, auth: int) -> Iterator[None]:
-    user = "user root root;" if os.geteuid() == 0 else ""
     conf = home / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(home=home, port=port, backend=backend, auth=auth, user=user))
+    server = auth_server(f"127.0.0.1:{port}", home / "server.crt", home / "server.key",
+                         home / "mesh-ca.crt", backend=f"127.0.0.1:{backend}",
+                         auth=f"127.0.0.1:{auth}")  # fmt: skip
+    conf.write_text(nginx_conf(home, [server]))
     binary = nginx_binary()
     checked = subprocess.run([binary, "-t", "-c", str(conf), "-p", str(home)],
                              capture_output=True, text=True, check=False)  # fmt: skip

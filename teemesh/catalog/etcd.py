@@ -236,9 +236,12 @@ class EtcdStore(Store):
                 request = http.build_request("POST", endpoint + path, json=body, timeout=timeout)
             try:
                 return await http.send(request, stream=timeout is not None)
-            except (httpx.ConnectError, httpx.ConnectTimeout, ssl.SSLError) as exc:
-                # ssl.SSLError: with TLS 1.3 a member refuses a client certificate after the
-                # handshake, as an alert httpx lets through on the first read
+            except ssl.SSLError as exc:
+                if not _refused_certificate(exc):  # the request may have been applied
+                    raise unavailable(f"{endpoint}: {exc}") from exc
+                failures.append(f"{endpoint}: {exc}")
+                self._current = (self._current + 1) % len(self.endpoints)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 failures.append(f"{endpoint}: {exc or type(exc).__name__}")
                 self._current = (self._current + 1) % len(self.endpoints)
             except httpx.HTTPError as exc:
@@ -402,6 +405,14 @@ class _EtcdWatch(Watch):
                 compact_revision=compact,
             )
         return unavailable(f"etcd cancelled the watch: {result.get('cancel_reason', '')}")
+
+
+def _refused_certificate(exc: ssl.SSLError) -> bool:
+    """A member refused our certificate (or we its): with TLS 1.3 its alert comes after the
+    handshake, on the first read, which httpx lets through as ssl.SSLError; etcd ran nothing,
+    so another member may be asked. Any other TLS error may follow a request it applied."""
+    reason = str(exc.reason or "")
+    return "CERTIFICATE" in reason or "UNKNOWN_CA" in reason
 
 
 def _reply(response: httpx.Response, content: bytes) -> dict[str, Any]:

@@ -91,6 +91,8 @@ log = logging.getLogger("teemesh.sidecar.clientproxy")
 NAME = "client-proxy"
 REQUEST_TIMEOUT = 30.0
 """The whole request (head and body) must arrive within this: a slow client is cut (408)."""
+LINGER = 2.0
+"""After answering itself, how long the proxy still drains a client that has not closed."""
 MAX_HEAD = 16 * 1024
 """Request line and headers; above it, 431."""
 MAX_CLIENTS = 256
@@ -137,6 +139,8 @@ class ProxyLeg(TcpLeg):
         self.request: h11.Request | None = None
         self.body = bytearray()
         self.done = False
+        self.lingering = False
+        """Answered by the proxy itself: waiting for the client's EOF before closing."""
         self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -165,6 +169,9 @@ class ProxyLeg(TcpLeg):
         self._events()
 
     def eof_received(self) -> bool:
+        if self.lingering:  # our answer is out, theirs is over
+            self.close()
+            return False
         if self.done:
             return super().eof_received()
         self.http.receive_data(b"")
@@ -180,12 +187,21 @@ class ProxyLeg(TcpLeg):
         self.close()
 
     def reply(self, response: bytes) -> None:
-        """The proxy's own answer, then close."""
+        """The proxy's own answer, then close. Closing a socket with request bytes still unread
+        makes the kernel send a reset, which a client may see before the answer: half-close
+        instead, drop what the client still sends, and close on its EOF or after ``LINGER`` s."""
         self.done = True
         self._stop_timer()
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(response)
-            self.transport.close()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(response)
+        if not isinstance(transport, asyncio.WriteTransport) or not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        self.lingering = True
+        self.timer = asyncio.get_running_loop().call_later(LINGER, transport.close)
 
     def _stop_timer(self) -> None:
         if self.timer is not None:

@@ -132,7 +132,8 @@ def forwarded_request(method: str, target: str, headers: Iterable[tuple[bytes, b
 
 
 def _kept(name: bytes, dropped: frozenset[bytes]) -> bool:
-    lower = name.lower()
+    # "_" read as "-": CGI and WSGI servers map both spellings to one variable (HTTP_X_...)
+    lower = name.lower().replace(b"_", b"-")
     return not lower.startswith(TARGET_PREFIX.encode()) and lower not in dropped
 
 

@@ -283,11 +283,16 @@ def proxy_problems(config: SidecarConfig) -> list[str]:
                         "the CVM's own address (the apps bind 127.0.0.1)")  # fmt: skip
     for listener in listeners:
         problems += _inbound_problems(config, proxy, listener)
-    vips = {(config.vips()[n], r.port): n for n, r in config.routes.items()}
+    if proxy.admin_port and proxy.admin_port == config.ingress_port:
+        problems.append(f"contrast: admin port {proxy.admin_port}: is the sidecar's own "
+                        "ingress port")  # fmt: skip
+    taken = {(config.vips()[n], r.port): f"route {n}" for n, r in config.routes.items()}
+    taken |= {(b.host, b.port): f"backend {n}" for n, b in config.backends.items()}
+    taken |= _sidecar_listeners(config)
     for entry in proxy.egress:
-        route = vips.get((entry.listen_ip, entry.listen_port))
-        if route is not None:
-            problems.append(f"contrast: egress {entry.name} listens where route {route} does "
+        what = taken.get((entry.listen_ip, entry.listen_port))
+        if what is not None:
+            problems.append(f"contrast: egress {entry.name} listens where {what} does "
                             f"({entry.listen_ip}:{entry.listen_port})")  # fmt: skip
     return problems
 
@@ -300,7 +305,7 @@ def _inbound_problems(config: SidecarConfig, proxy: ContrastProxy, listener: Inb
                         "the app binds loopback, the sidecar the CVM's address")  # fmt: skip
     if listener.port == config.ingress_port:
         problems.append(f"{what}: is the sidecar's own ingress port")
-    own = _sidecar_ports(config)
+    own = {port: what for (_, port), what in _sidecar_listeners(config).items()}
     if listener.backend is None and listener.port in own:
         problems.append(f"{what}: is {own[listener.port]}, which stays inside the CVM (it acts "
                         "as this CVM)")  # fmt: skip
@@ -316,13 +321,14 @@ def _inbound_problems(config: SidecarConfig, proxy: ContrastProxy, listener: Inb
     return problems
 
 
-def _sidecar_ports(config: SidecarConfig) -> dict[int, str]:
-    """The sidecar's own loopback services, by port: none may be opened to the network."""
-    own = {split_host_port(config.api)[1]: "the sidecar's API"}
+def _sidecar_listeners(config: SidecarConfig) -> dict[tuple[str, int], str]:
+    """The sidecar's own loopback services, by ``(host, port)``: none may be opened to the
+    network, nor taken by an egress listener."""
+    own = {split_host_port(config.api): "the sidecar's API"}
     if config.client_proxy is not None:
-        own[split_host_port(config.client_proxy.listen)[1]] = "the client proxy"
+        own[split_host_port(config.client_proxy.listen)] = "the client proxy"
     if config.auth is not None:
-        own[split_host_port(config.auth.listen)[1]] = "the auth service"
+        own[split_host_port(config.auth.listen)] = "the auth service"
     return own
 
 

@@ -123,7 +123,9 @@ def test_the_forwarded_request_keeps_host_and_drops_the_target_headers() -> None
 
 FORGED = [(b"X-Dstack-App-Id", b"ee" * 20), (b"x-dstack-app-id", b"ee" * 20),
           (b"X-TEEMESH-GROUP", b"admin"), (b"x-teemesh-peer", b"admin-0"),
-          (b"X-Client-Verify", b"SUCCESS"), (b"x-client-cert", b"-----BEGIN%20CERT")]  # fmt: skip
+          (b"X-Client-Verify", b"SUCCESS"), (b"x-client-cert", b"-----BEGIN%20CERT"),
+          (b"X_Dstack_App_Id", b"ee" * 20), (b"x-teemesh_group", b"admin"),
+          (b"X_DSTACK_TARGET_APP", b"ee" * 20)]  # fmt: skip
 
 
 def test_identity_headers_are_never_forwarded() -> None:

@@ -245,6 +245,11 @@ def test_malformed_contrast_settings_are_refused_naming_the_entry(
                                               "certificates"),
         ("web", {"egress": "api#127.77.0.10:8080#api:8080"}, "egress api listens where route "
                                                              "api does (127.77.0.10:8080)"),
+        ("web", {"egress": "x#127.0.0.1:7001#api:8080"}, "egress x listens where the sidecar's "
+                                                         "API does (127.0.0.1:7001)"),
+        ("api", {"egress": "x#127.0.0.1:8080#db:5432"}, "egress x listens where backend api "
+                                                        "does (127.0.0.1:8080)"),
+        ("web", {"admin_port": 7443}, "admin port 7443: is the sidecar's own ingress port"),
     ],
 )  # fmt: skip
 def test_contrast_settings_the_sidecar_would_refuse_are_refused_at_plan_time(

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import ssl
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from teemesh.catalog.etcd import _refused_certificate
 from teemesh.identity.ratls import spki_der
 from teemesh.identity.storeca import STORES, MemberTls, StoreCa, get_key_path
 
@@ -74,3 +76,25 @@ def test_the_ca_names_its_store_and_cluster(store: str) -> None:
     ca = StoreCa.derive(SECRET, "pg", store)  # type: ignore[arg-type]
     (common_name,) = ca.cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     assert common_name.value == f"teemesh {store} CA pg"
+
+
+@pytest.mark.parametrize(
+    ("reason", "retried"),
+    [
+        ("SSLV3_ALERT_BAD_CERTIFICATE", True),
+        ("TLSV13_ALERT_CERTIFICATE_REQUIRED", True),
+        ("TLSV1_ALERT_UNKNOWN_CA", True),
+        ("CERTIFICATE_VERIFY_FAILED", True),
+        ("DECRYPTION_FAILED_OR_BAD_RECORD_MAC", False),
+        ("UNEXPECTED_EOF_WHILE_READING", False),
+        (None, False),
+    ],
+)
+def test_the_catalog_client_asks_another_member_only_when_its_certificate_was_refused(
+    reason: str | None, retried: bool
+) -> None:
+    """A refused certificate: etcd ran nothing, another member may be asked; any other TLS
+    error may come after a request it applied, which must not run twice."""
+    exc = ssl.SSLError(1, "alert")
+    exc.reason = reason
+    assert _refused_certificate(exc) is retried

@@ -1,10 +1,12 @@
-"""Test servers in a thread: ``serving(server)`` answers until the block ends."""
+"""Test servers in a thread (``serving(server)`` answers until the block ends), and a raw
+client for what a well-behaved HTTP client would not send."""
 
 from __future__ import annotations
 
 import contextlib
 import http.server
 import json
+import socket
 import socketserver
 import threading
 from collections.abc import Iterator
@@ -50,3 +52,16 @@ class HeaderEcho(Hello):
 
     def do_GET(self) -> None:
         self.answer(json.dumps({k.lower(): v for k, v in self.headers.items()}).encode())
+
+
+def exchange(port: int, data: bytes, *, half_close: bool = False, timeout: float = 10) -> bytes:
+    """Send ``data`` to ``127.0.0.1:port`` (then shut our side down, with ``half_close``) and
+    read everything until the server closes; a reset raises."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        out = b""
+        while chunk := sock.recv(65536):
+            out += chunk
+        return out

@@ -26,7 +26,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from meshkit import DB_COMPOSE, ROGUE_COMPOSE, WEB_COMPOSE, Mesh, svid_pem
 from procs import free_port
-from serverkit import serving
+from serverkit import exchange, serving
 from sidecarkit import Sidecar, mesh_policy, run_sidecar, wait_for
 
 from teemesh.identity.certs import cert_pem, pem_pair
@@ -245,13 +245,7 @@ def test_the_fallback_serves_no_secret_and_no_measurement(world: World, call: st
 
 
 def raw(port: int, data: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(data)
-        sock.shutdown(socket.SHUT_WR)
-        out = b""
-        while chunk := sock.recv(65536):
-            out += chunk
-        return out
+    return exchange(port, data, half_close=True)
 
 
 def test_hostile_input_gets_a_4xx_and_the_proxy_lives_on(world: World) -> None:
@@ -418,7 +412,7 @@ async def connection_cap() -> list[bytes]:
         answers.append(await ask())
         # a client of its own that sends at once, as curl does: the 503, never a reset
         for _ in range(30):
-            answers.append(await asyncio.to_thread(blocking_ask, port, health))
+            answers.append(await asyncio.to_thread(exchange, port, health))
         held[0][1].close()
         for _ in range(100):
             if listener.clients.open < 2:
@@ -429,16 +423,6 @@ async def connection_cap() -> list[bytes]:
     finally:
         proxy.close()
     return answers
-
-
-def blocking_ask(port: int, request: bytes) -> bytes:
-    """Send the whole request, then read the answer to its end (a reset raises)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(request)
-        answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
-        return answer
 
 
 def test_the_open_connections_are_bounded() -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -18,6 +17,7 @@ import pytest
 from etcdkit import etcd_cluster
 from meshkit import COORDINATOR_COMPOSE, ROGUE_COMPOSE, WEB_COMPOSE, Mesh
 from procs import Proc, free_port
+from serverkit import exchange
 from sidecarkit import mesh_policy, run_sidecar
 
 from teemesh.attest.dstack import compose_hash
@@ -113,12 +113,7 @@ def test_an_app_not_allowed_is_refused(world: World) -> None:
 
 
 def raw(port: int, data: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
-        sock.sendall(data)
-        out = b""
-        while chunk := sock.recv(65536):
-            out += chunk
-        return out
+    return exchange(port, data, timeout=15)
 
 
 def test_the_vpc_servers_health_check_passes(world: World) -> None:

@@ -128,3 +128,44 @@ def import_hcl(tf_path: Path, out: Path | None, tee: str, os_image_hashes: tuple
     except OSError as exc:
         fail(f"{out}: {exc.strerror or exc}")
     click.echo(f"wrote {out}; check it with: teemesh plan {out}", err=True)
+
+
+@click.group("rollout")
+def rollout() -> None:
+    """Rolling upgrades from one spec to the next."""
+
+
+@rollout.command("plan")
+@click.argument("old_path", metavar="OLD_SPEC", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("new_path", metavar="NEW_SPEC", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the steps and policies as JSON.")
+def rollout_plan(old_path: Path, new_path: Path, as_json: bool) -> None:
+    """The order in which replicas move from OLD_SPEC to NEW_SPEC, and the admission policy in
+    force at each step: both compose hashes while they move, only the new one after."""
+    from teemesh.spec import load_spec, plan_cluster  # noqa: PLC0415
+    from teemesh.spec.rollout import rollout_plan as plan_rollout  # noqa: PLC0415
+
+    try:
+        old, new = plan_cluster(load_spec(old_path)), plan_cluster(load_spec(new_path))
+        steps = plan_rollout(old, new)
+    except MeshError as exc:
+        fail(exc)
+    if as_json:
+        print_json(steps.to_json())
+        return
+    if not steps.steps:
+        stdout.print("nothing to roll out: the two specs admit and run the same")
+        return
+    rows = []
+    for n, step in enumerate(steps.steps, 1):
+        admitted = ""
+        if step.policy is not None:
+            admitted = "; ".join(
+                f"{g}: " + ", ".join(h[:12] for h in step.policy["groups"][g]["compose_hashes"])
+                for g in steps.changed if g in step.policy["groups"]
+            )  # fmt: skip
+        rows.append((str(n), step.action, step.target, admitted, step.wait))
+    columns = ("step", "action", "target", "compose hashes admitted", "then wait until")
+    stdout.print(grid(f"rollout of {', '.join(steps.changed) or 'the policy'}", columns, rows))
+    stdout.print("publish: write the policy (--json shows it) to the coordinators' policy file, "
+                 "then teemesh admin reload")  # fmt: skip

@@ -256,16 +256,13 @@ def _contrast_problems(
         return
     if proxy is None:
         return
+    from teemesh.spec.plan import sidecar_routes  # noqa: PLC0415 (plan imports this module)
+
     group = spec.workload_groups[name]
-    routes = {}
-    for owner, body in spec.mesh_groups().items():
-        for route_name, (_, route, peer) in body.served_routes(owner):
-            if route.backend not in body.backends:
-                return  # reported with the routes
-            routes[route_name] = sidecar.Route(
-                backend=route.backend, port=body.backends[route.backend].port, role=route.role,
-                peer=peer, callers=route.callers, vip=route.vip,
-            )  # fmt: skip
+    for body in spec.mesh_groups().values():
+        if any(route.backend not in body.backends for route in body.routes.values()):
+            return  # reported with the routes
+    routes = sidecar_routes(spec)  # as every sidecar has them: their VIPs are the plan's
     compat = group.compat
     assert compat is not None
     config = sidecar.SidecarConfig(

@@ -265,3 +265,11 @@ def test_a_contrast_ingress_leaves_open_backends_without_callers_alone() -> None
     doc[W]["web"]["backends"] = {"web": {"port": 8080}}
     doc[W]["web"]["compat"] = {"contrast": {"ingress": "web#8080#false", "admin_port": 9901}}
     parse_spec(doc)
+
+
+def test_an_egress_listener_on_a_routes_planned_vip_is_refused() -> None:
+    """The VIP the plan gives a route that names none: the one every sidecar listens on."""
+    vip = next(r.vip for r in plan_cluster(parse_spec(spec_doc())).routes if r.name == "api")
+    found = problems(spec_doc(compat={"contrast": {"egress": f"x#{vip}:8080#api:1"}}))
+    assert found == [f"{W}.web.compat.contrast: egress x listens where route api does "
+                     f"({vip}:8080)"]  # fmt: skip

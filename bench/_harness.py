@@ -7,12 +7,17 @@ sys.path).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import os
 import resource
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -253,3 +258,82 @@ def admit(url: str, platform: PlatformKey, peer_id: str, group: str = GROUP) -> 
     cvm = SimulatedCvm(platform, OsImage(OS_IMAGE), WEB_COMPOSE, KMS)
     client = AdmissionClient(url, coordinator_check(platform), InProcessAgent(cvm))
     return client.admit(CLUSTER, group, peer_id)
+
+
+# -- the wrk benches' command line and report ---------------------------------------------------
+
+
+def add_load_options(parser: argparse.ArgumentParser, *, seconds: tuple[int, int]) -> None:
+    """The options of a bench that loads proxies with wrk against HAProxy; ``seconds``: the
+    default per measurement, (normal, --quick)."""
+    normal, quick = seconds
+    parser.add_argument("--seconds", type=int, help=f"per measurement ({normal}; --quick: {quick})")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured wrk run before (1)")
+    parser.add_argument("--connections", type=int, help="wrk connections (64; --quick: 32)")
+    parser.add_argument("--threads", type=int, default=1, help="wrk threads (1)")
+    parser.add_argument(
+        "--quick", action="store_true", help=f"{quick} s, 32 connections by default"
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=1,
+        help="measure each workload and path this many times, keep the least disturbed (1)",
+    )  # fmt: skip
+    parser.add_argument("--logs", type=Path, help="copy every process's log here at the end")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead")
+    parser.add_argument("--save", type=Path, help="also write the JSON document to this file")
+
+
+def checked_load_options(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    *,
+    seconds: tuple[int, int],
+    quiet_wait: tuple[float, float],
+) -> dict[str, str]:
+    """Fill the --quick defaults, refuse out-of-range values; the paths of wrk and haproxy."""
+    pick = 1 if args.quick else 0
+    if args.seconds is None:
+        args.seconds = seconds[pick]
+    if args.connections is None:
+        args.connections = (64, 32)[pick]
+    if args.quiet_wait is None:
+        args.quiet_wait = quiet_wait[pick]
+    if not 1 <= args.seconds <= 600 or not 0 <= args.warmup <= 60:
+        parser.error("--seconds must be within 1..600 and --warmup within 0..60")
+    if not 1 <= args.repeat <= 20 or args.quiet_wait < 0:
+        parser.error("--repeat must be within 1..20 and --quiet-wait at least 0")
+    if not 1 <= args.connections <= 10000 or not 1 <= args.threads <= 64:
+        parser.error("--connections must be within 1..10000 and --threads within 1..64")
+    found = {name: shutil.which(name) for name in ("wrk", "haproxy")}
+    missing = [name for name, path in found.items() if path is None]
+    if missing:
+        parser.error(f"needs {' and '.join(missing)}: apt-get install -y {' '.join(missing)}")
+    return {name: str(path) for name, path in found.items()}
+
+
+def run_in_scratch(
+    prefix: str, options: Any, run: Callable[[Any, Path], dict[str, Any]]
+) -> dict[str, Any]:
+    """``run(options, folder)`` in a temporary folder that SIGTERM too removes (it unwinds);
+    the document it returns, after the machine and the options."""
+
+    def terminated(_signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signal.SIGTERM)  # unwinds: processes stopped, folder removed
+
+    signal.signal(signal.SIGTERM, terminated)
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        doc = run(options, Path(tmp))
+    shown = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(options).items()}
+    return {"cpus": os.cpu_count(), "options": shown, **doc}
+
+
+def emit(
+    args: argparse.Namespace, doc: dict[str, Any], report: Callable[[dict[str, Any]], None]
+) -> None:
+    """``--save`` writes the JSON document; ``--json`` prints it, else ``report`` does."""
+    if args.save:
+        args.save.write_text(json.dumps(doc, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        report(doc)

@@ -34,13 +34,10 @@ import argparse
 import contextlib
 import functools
 import json
-import os
 import shutil
-import signal
 import socket
 import ssl
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -53,8 +50,12 @@ from _harness import (
     OS_IMAGE,
     WEB_COMPOSE,
     Processes,
+    add_load_options,
+    checked_load_options,
+    emit,
     free_port,
     raise_open_files,
+    run_in_scratch,
     simulated_cluster,
 )
 from rich import box
@@ -464,11 +465,7 @@ def notes(doc: dict[str, Any]) -> list[str]:
 
 def parse_args() -> tuple[argparse.Namespace, Options]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=int, help="per measurement (10; --quick: 3)")
-    parser.add_argument("--warmup", type=int, default=1, help="unmeasured wrk run before (1)")
-    parser.add_argument("--connections", type=int, help="wrk connections (64; --quick: 32)")
-    parser.add_argument("--threads", type=int, default=1, help="wrk threads (1)")
-    parser.add_argument("--quick", action="store_true", help="3 s, 32 connections by default")
+    add_load_options(parser, seconds=(10, 3))
     parser.add_argument(
         "--haproxy-mode", choices=("tcp", "http"), default="tcp",
         help="HAProxy after TLS: tcp (a relay, as the gateway is; default) or http",
@@ -478,30 +475,8 @@ def parse_args() -> tuple[argparse.Namespace, Options]:
         help="before each measurement, wait up to this long for other processes to use under "
         "20%% of a core (30; --quick: 10; 0: never wait)",
     )  # fmt: skip
-    parser.add_argument(
-        "--repeat", type=int, default=1,
-        help="measure each workload and path this many times, keep the least disturbed (1)",
-    )  # fmt: skip
-    parser.add_argument("--logs", type=Path, help="copy every process's log here at the end")
-    parser.add_argument("--json", action="store_true", help="print one JSON document instead")
-    parser.add_argument("--save", type=Path, help="also write the JSON document to this file")
     args = parser.parse_args()
-    if args.seconds is None:
-        args.seconds = 3 if args.quick else 10
-    if args.connections is None:
-        args.connections = 32 if args.quick else 64
-    if args.quiet_wait is None:
-        args.quiet_wait = 10 if args.quick else 30
-    if not 1 <= args.seconds <= 600 or not 0 <= args.warmup <= 60:
-        parser.error("--seconds must be within 1..600 and --warmup within 0..60")
-    if not 1 <= args.repeat <= 20 or args.quiet_wait < 0:
-        parser.error("--repeat must be within 1..20 and --quiet-wait at least 0")
-    if not 1 <= args.connections <= 10000 or not 1 <= args.threads <= 64:
-        parser.error("--connections must be within 1..10000 and --threads within 1..64")
-    found = {name: shutil.which(name) for name in ("wrk", "haproxy")}
-    missing = [name for name, path in found.items() if path is None]
-    if missing:
-        parser.error(f"needs {' and '.join(missing)}: apt-get install -y {' '.join(missing)}")
+    found = checked_load_options(parser, args, seconds=(10, 3), quiet_wait=(30, 10))
     opts = Options(
         seconds=args.seconds, warmup=args.warmup, connections=args.connections,
         threads=args.threads, repeat=args.repeat, quiet_wait=args.quiet_wait,
@@ -513,26 +488,10 @@ def parse_args() -> tuple[argparse.Namespace, Options]:
 
 def main() -> None:
     args, opts = parse_args()
-
-    def terminated(_signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signal.SIGTERM)  # unwinds: processes stopped, folder removed
-
-    signal.signal(signal.SIGTERM, terminated)
-    with tempfile.TemporaryDirectory(prefix="teemesh-gateway-bench-") as tmp:
-        doc = run_bench(opts, Path(tmp))
-    doc = {
-        "cpus": os.cpu_count(),
-        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()},
-        **doc,
-    }
+    doc = run_in_scratch("teemesh-gateway-bench-", opts, run_bench)
     doc["ratios"] = ratios(doc["paths"])
     doc["notes"] = notes(doc)
-    if args.save:
-        args.save.write_text(json.dumps(doc, indent=2) + "\n")
-    if args.json:
-        print(json.dumps(doc, indent=2))
-    else:
-        print_report(doc)
+    emit(args, doc, print_report)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -73,12 +72,16 @@ from _harness import (
     OS_IMAGE,
     WEB_COMPOSE,
     Processes,
+    add_load_options,
     admit,
+    checked_load_options,
+    emit,
     free_port,
     machine_busy_seconds,
     process_cpu_seconds,
     process_rss_mib,
     raise_open_files,
+    run_in_scratch,
     simulated_cluster,
 )
 from rich import box
@@ -1031,44 +1034,20 @@ def notes(doc: dict[str, Any]) -> list[str]:
 
 def parse_args() -> tuple[argparse.Namespace, Options]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=int, help="per measurement (5; --quick: 2)")
-    parser.add_argument("--warmup", type=int, default=1, help="unmeasured wrk run before (1)")
-    parser.add_argument("--connections", type=int, help="wrk connections (64; --quick: 32)")
-    parser.add_argument("--threads", type=int, default=1, help="wrk threads (1)")
-    parser.add_argument("--quick", action="store_true", help="2 s, 32 connections by default")
+    add_load_options(parser, seconds=(5, 2))
     parser.add_argument("--http-backend", choices=("haproxy", "python"), default="haproxy")
     parser.add_argument("--profile", type=Path, help="py-spy the sidecars into this folder")
     parser.add_argument("--py-spy", help="the py-spy command (default: on PATH)")
     parser.add_argument(
         "--native", action="store_true", help="py-spy --native: C frames too (OpenSSL, uvloop)"
     )
-    parser.add_argument("--logs", type=Path, help="copy every process's log here at the end")
     parser.add_argument(
-        "--quiet-wait", type=float, default=60,
+        "--quiet-wait", type=float,
         help="before each measurement, wait up to this long for other processes to use under "
         "20%% of a core (60; 0: never wait)",
     )  # fmt: skip
-    parser.add_argument(
-        "--repeat", type=int, default=1,
-        help="measure each workload and path this many times, keep the least disturbed (1)",
-    )  # fmt: skip
-    parser.add_argument("--json", action="store_true", help="print one JSON document instead")
-    parser.add_argument("--save", type=Path, help="also write the JSON document to this file")
     args = parser.parse_args()
-    if args.seconds is None:
-        args.seconds = 2 if args.quick else 5
-    if args.connections is None:
-        args.connections = 32 if args.quick else 64
-    if not 1 <= args.seconds <= 600 or not 0 <= args.warmup <= 60:
-        parser.error("--seconds must be within 1..600 and --warmup within 0..60")
-    if not 1 <= args.repeat <= 20 or args.quiet_wait < 0:
-        parser.error("--repeat must be within 1..20 and --quiet-wait at least 0")
-    if not 1 <= args.connections <= 10000 or not 1 <= args.threads <= 64:
-        parser.error("--connections must be within 1..10000 and --threads within 1..64")
-    found = {name: shutil.which(name) for name in ("wrk", "haproxy")}
-    missing = [name for name, path in found.items() if path is None]
-    if missing:
-        parser.error(f"needs {' and '.join(missing)}: apt-get install -y {' '.join(missing)}")
+    found = checked_load_options(parser, args, seconds=(5, 2), quiet_wait=(60, 60))
     py_spy = None
     if args.profile:
         py_spy = args.py_spy or shutil.which("py-spy")
@@ -1090,27 +1069,11 @@ def main() -> None:
         serve_backends(int(sys.argv[2]), int(sys.argv[3]))
         return
     args, opts = parse_args()
-
-    def terminated(_signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signal.SIGTERM)  # unwinds: processes stopped, folder removed
-
-    signal.signal(signal.SIGTERM, terminated)
-    with tempfile.TemporaryDirectory(prefix="teemesh-sidecar-bench-") as tmp:
-        doc = run_bench(opts, Path(tmp))
-    doc = {
-        "cpus": os.cpu_count(),
-        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()},
-        **doc,
-    }
+    doc = run_in_scratch("teemesh-sidecar-bench-", opts, run_bench)
     doc["notes"] = notes(doc)
     if opts.profile:
         doc["profile_summary"] = profile_summary([Path(p) for p in doc["profiles"]])
-    if args.save:
-        args.save.write_text(json.dumps(doc, indent=2) + "\n")
-    if args.json:
-        print(json.dumps(doc, indent=2))
-    else:
-        print_report(doc)
+    emit(args, doc, print_report)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ from teemesh.sidecar.clientproxy_core import (
     Target,
     agent_args,
     agent_method,
-    backends_at,
+    backends_by_port,
     candidates,
     error_response,
     forwarded_request,
@@ -278,6 +278,7 @@ class ClientProxyListener:
         self.agent = agent
         self.catalog = catalog
         self.vpc_apps = vpc_app_ids(plane.config.coordinator_policy)
+        self.backends = backends_by_port(plane.config)
         self.dialer = _Dialer(plane)
         self.tasks: set[asyncio.Task[None]] = set()
         self.clients = Clients(min(MAX_CLIENTS, plane.config.max_connections))
@@ -329,7 +330,7 @@ class ClientProxyListener:
         plane = self.plane
         with self._admitted(request, plane.client_context):
             found = candidates(plane.instances.instances.values(), target,
-                               backends_at(plane.config, target.port))  # fmt: skip
+                               self.backends.get(target.port, frozenset()))  # fmt: skip
             outbound = forwarded_request(request.method, request.target, request.headers,
                                          request.body)  # fmt: skip
             await self._open(client, target, found, outbound)

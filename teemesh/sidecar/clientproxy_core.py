@@ -199,11 +199,15 @@ def _no_newline(value: str) -> str:
     return value.replace("\r", " ").replace("\n", " ")
 
 
-def backends_at(config: SidecarConfig, port: int) -> frozenset[str]:
-    """The backends this sidecar knows to serve on ``port``: its routes' and its own (the
-    catalog names backends, not their ports)."""
-    named = {r.backend for r in config.routes.values() if r.port == port}
-    return frozenset(named | {n for n, b in config.backends.items() if b.port == port})
+def backends_by_port(config: SidecarConfig) -> dict[int, frozenset[str]]:
+    """The backends this sidecar knows to serve on each port: its routes' and its own (the
+    catalog names backends, not their ports). Built once: the configuration never changes."""
+    named: dict[int, set[str]] = {}
+    for route in config.routes.values():
+        named.setdefault(route.port, set()).add(route.backend)
+    for name, backend in config.backends.items():
+        named.setdefault(backend.port, set()).add(name)
+    return {port: frozenset(names) for port, names in named.items()}
 
 
 def candidates(

@@ -281,14 +281,16 @@ def proxy_problems(config: SidecarConfig) -> list[str]:
     if (listeners or proxy.admin_port) and wildcard:
         problems.append(f"contrast: the ingress listeners bind address {config.address}; give "
                         "the CVM's own address (the apps bind 127.0.0.1)")  # fmt: skip
+    own = _sidecar_listeners(config)
+    own_ports = {port: service for (_, port), service in own.items()}
     for listener in listeners:
-        problems += _inbound_problems(config, proxy, listener)
+        problems += _inbound_problems(config, proxy, listener, own_ports)
     if proxy.admin_port and proxy.admin_port == config.ingress_port:
         problems.append(f"contrast: admin port {proxy.admin_port}: is the sidecar's own "
                         "ingress port")  # fmt: skip
     taken = {(config.vips()[n], r.port): f"route {n}" for n, r in config.routes.items()}
     taken |= {(b.host, b.port): f"backend {n}" for n, b in config.backends.items()}
-    taken |= _sidecar_listeners(config)
+    taken |= own
     for entry in proxy.egress:
         what = taken.get((entry.listen_ip, entry.listen_port))
         if what is not None:
@@ -297,7 +299,10 @@ def proxy_problems(config: SidecarConfig) -> list[str]:
     return problems
 
 
-def _inbound_problems(config: SidecarConfig, proxy: ContrastProxy, listener: Inbound) -> list[str]:
+def _inbound_problems(
+    config: SidecarConfig, proxy: ContrastProxy, listener: Inbound, own_ports: dict[int, str]
+) -> list[str]:
+    """``own_ports``: the sidecar's own loopback services by port."""
     what = f"contrast: port {listener.port} ({listener.name})"
     problems = []
     if listener.target == config.address:
@@ -305,10 +310,9 @@ def _inbound_problems(config: SidecarConfig, proxy: ContrastProxy, listener: Inb
                         "the app binds loopback, the sidecar the CVM's address")  # fmt: skip
     if listener.port == config.ingress_port:
         problems.append(f"{what}: is the sidecar's own ingress port")
-    own = {port: what for (_, port), what in _sidecar_listeners(config).items()}
-    if listener.backend is None and listener.port in own:
-        problems.append(f"{what}: is {own[listener.port]}, which stays inside the CVM (it acts "
-                        "as this CVM)")  # fmt: skip
+    if listener.backend is None and listener.port in own_ports:
+        problems.append(f"{what}: is {own_ports[listener.port]}, which stays inside the CVM "
+                        "(it acts as this CVM)")  # fmt: skip
     if listener.port == proxy.admin_port and listener.mode == "mtls":
         problems.append(f"{what}: is the admin port too")
     elif listener.port == proxy.admin_port:

@@ -15,7 +15,7 @@ from teemesh.sidecar.clientproxy_core import (
     Target,
     agent_args,
     agent_method,
-    backends_at,
+    backends_by_port,
     candidates,
     error_response,
     forwarded_request,
@@ -152,14 +152,18 @@ def test_instances_by_app_or_instance_id() -> None:
 
 def test_candidates_and_what_is_missing() -> None:
     a, b, pg = instance("a"), instance("b", OTHER), instance("p", service="pg")
-    backends = backends_at(config(), 8080)
+    backends = backends_by_port(config())[8080]
     assert backends == {"api"}
-    assert backends_at(config(backends={"web": Backend(8080)}), 8080) == {"api", "web"}
+    assert backends_by_port(config(backends={"web": Backend(8080)}))[8080] == {"api", "web"}
     assert candidates([a, b, pg], Target(APP, 8080), backends) == [a]
-    assert candidates([a, pg], Target(APP, 5432), backends_at(config(), 5432)) == [pg]
+    assert candidates([a, pg], Target(APP, 5432), backends_by_port(config())[5432]) == [pg]
     for target, backends_, missing in [
         (Target("ee" * 20, 8080), backends, "no live instance of app"),
-        (Target(APP, 9999), backends_at(config(), 9999), "no route of this sidecar serves port"),
+        (
+            Target(APP, 9999),
+            backends_by_port(config()).get(9999, frozenset()),
+            "no route of this sidecar serves port",
+        ),
         (Target(APP, 5432), frozenset({"other"}), "serves nothing on port 5432"),
         (Target(APP, 8080, "99" * 20), backends, "no live instance 9999"),
         (Target(APP, 8080, b.instance_id), backends, "is not of app"),

@@ -61,7 +61,12 @@ def exchange(port: int, data: bytes, *, half_close: bool = False, timeout: float
         sock.sendall(data)
         if half_close:
             sock.shutdown(socket.SHUT_WR)
-        out = b""
-        while chunk := sock.recv(65536):
-            out += chunk
-        return out
+        return read_all(sock)
+
+
+def read_all(sock: socket.socket) -> bytes:
+    """Everything ``sock`` receives until the far end closes."""
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)

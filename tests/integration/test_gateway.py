@@ -28,7 +28,7 @@ import pytest
 from dnskit import dnsmasq
 from meshkit import ROGUE_COMPOSE, WEB_COMPOSE, Mesh
 from procs import free_port
-from serverkit import Hello, serving
+from serverkit import Hello, read_all, serving
 from sidecarkit import Sidecar, mesh_policy, run_sidecar, wait_for
 
 from teemesh.attest.dstack import compose_hash, default_app_id
@@ -117,13 +117,6 @@ class Edge:
             tls.sendall(f"GET {path} HTTP/1.1\r\nHost: {server_name}\r\n"
                         "Connection: close\r\n\r\n".encode())  # fmt: skip
             return read_all(tls)
-
-
-def read_all(sock: socket.socket) -> bytes:
-    chunks = []
-    while chunk := sock.recv(65536):
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 @pytest.fixture(scope="module")

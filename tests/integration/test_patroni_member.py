@@ -31,7 +31,7 @@ import pytest
 from conftest import vector_path
 from etcdkit import etcd_cluster, free_ports
 from procs import free_port, started
-from serverkit import serving
+from serverkit import Hello, serving
 
 from teemesh.examples import patroni_member, starter, webdemo
 from teemesh.platform.agent_client import AgentClient
@@ -71,20 +71,13 @@ class Recorder(http.server.ThreadingHTTPServer):
         return self.posts[-1][2] if self.posts else None
 
 
-class _RecordingHandler(http.server.BaseHTTPRequestHandler):
+class _RecordingHandler(Hello):
     server: Recorder
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.server.posts.append((time.monotonic(), self.path, body))
-        reply = json.dumps({"ok": True}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(reply)))
-        self.end_headers()
-        self.wfile.write(reply)
-
-    def log_message(self, *args: Any) -> None:
-        pass
+        self.answer(json.dumps({"ok": True}).encode())
 
 
 @dataclass

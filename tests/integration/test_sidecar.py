@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from meshkit import DB_COMPOSE, ROGUE_COMPOSE, WEB_COMPOSE, Mesh
 from procs import free_port, run_teemesh, teemesh_exe
-from serverkit import Hello, serving
+from serverkit import Hello, read_all, serving
 from sidecarkit import Sidecar, coordinator_policy, mesh_policy, run_sidecar, wait_for
 
 from teemesh.identity.certs import cert_pem, key_pem
@@ -146,13 +146,6 @@ def _route(sidecar: Sidecar, name: str) -> dict[str, object]:
 def http_get(sock: socket.socket, path: str, host: str) -> bytes:
     sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
     return read_all(sock)
-
-
-def read_all(sock: socket.socket) -> bytes:
-    chunks = []
-    while chunk := sock.recv(65536):
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def digest_call(sidecar: Sidecar, route: str, port: int, payload: bytes) -> tuple[str, str]:

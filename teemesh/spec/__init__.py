@@ -38,6 +38,7 @@ from teemesh.spec.model import (
 )
 from teemesh.spec.plan import Cvm, Plan, PlannedRoute, plan_cluster
 from teemesh.spec.render import (
+    AppComposes,
     app_id,
     app_ids,
     cluster_policy,
@@ -55,6 +56,7 @@ from teemesh.spec.render import (
 __all__ = [
     "RESERVED_GROUPS",
     "SIM_OS_IMAGE",
+    "AppComposes",
     "Backend",
     "ClusterSpec",
     "Cvm",

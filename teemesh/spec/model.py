@@ -15,7 +15,8 @@ from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import AfterValidator, Field, PrivateAttr, StrictInt, field_validator
 
-from teemesh.attest.policy import Hex32
+from teemesh import __version__
+from teemesh.attest.policy import Hex32, TcbStatus
 from teemesh.checks import Domain, HostPort, Label, LoopbackHostPort, Port
 from teemesh.config import Frozen
 from teemesh.sidecar.config import HealthCheck
@@ -33,6 +34,8 @@ ETCD_METRICS_PORT = 2381
 DCS_PEER_PORT = 2390
 """The DCS members' peer port (their clients are on loopback, at the DCS route's port)."""
 MAX_ROUTES = 1000
+DEFAULT_IMAGE = f"teemesh:{__version__}"
+"""A tag, not a digest: fine on this machine, refused by ``teemesh render`` unless allowed."""
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 _IMAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -58,6 +61,13 @@ def _vip(value: str) -> str:
     return str(address)
 
 
+def _hex_id(value: str) -> str:
+    text = value.lower().removeprefix("0x")
+    if not text or len(text) % 2 or not re.fullmatch(r"[0-9a-f]+", text) or len(text) > 1024:
+        raise ValueError(f"{value!r} is not hex bytes (a DER SubjectPublicKeyInfo, hex)")
+    return text
+
+
 def _network(value: str) -> str:
     try:
         net = ipaddress.IPv4Network(value)
@@ -68,6 +78,14 @@ def _network(value: str) -> str:
     if net.prefixlen > 30:
         raise ValueError(f"{net} is smaller than a /30")
     return str(net)
+
+
+def _image_reference(value: str) -> str:
+    """A container image reference: no spaces or control characters (it is written into YAML
+    and read by compose); whether it is pinned is ``render``'s question."""
+    if not value or len(value) > 512 or any(c.isspace() or not c.isprintable() for c in value):
+        raise ValueError(f"{value!r} is not an image reference (like name@sha256:<digest>)")
+    return value
 
 
 def _text(value: str) -> str:
@@ -174,6 +192,10 @@ class Kms(Frozen):
     count: int = Field(1, ge=0, le=5)
     """0: the CVMs' keys come from their own agent (dstack's key provider ``none``)."""
     port: Port = 8011
+    key_provider_id: Annotated[str, AfterValidator(_hex_id)] | None = None
+    """The KMS the CVMs must take their keys from: its root CA's SubjectPublicKeyInfo (DER, hex),
+    as dstack measures it. Required by ``teemesh render`` for ``tee: tdx``; the local KMS makes
+    a new root each ``up``, so a simulated cluster pins the provider's kind only."""
 
 
 class Gateway(Frozen):
@@ -320,6 +342,11 @@ class ClusterSpec(Frozen):
     """direct: sidecars dial each other's CVM address; gateway: through the gateway's
     TLS passthrough."""
     sidecar: SidecarPorts = Field(default_factory=SidecarPorts)
+    image: Annotated[str, AfterValidator(_image_reference)] = DEFAULT_IMAGE
+    """The teemesh image the rendered composes run (sidecar, coordinator, a group's command):
+    ``teemesh render`` wants it pinned, ``<name>@sha256:<digest>``."""
+    allowed_tcb_statuses: tuple[TcbStatus, ...] = Field(("UpToDate",), min_length=1)
+    """The TCB statuses admission accepts (every group, the coordinators' pin too)."""
     workload_groups: dict[Label, WorkloadGroup] = Field(min_length=1, max_length=256)
     _compose_texts: dict[str, str] = PrivateAttr(default_factory=dict)
 

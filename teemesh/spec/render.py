@@ -20,8 +20,14 @@ from teemesh.attest.simulated import OsImage
 from teemesh.errors import InputError
 from teemesh.sidecar.contrast import from_environment
 from teemesh.spec.checks import contrast_environment
-from teemesh.spec.model import ClusterSpec, ContrastSpec, Route
-from teemesh.spec.plan import Cvm, Plan, sidecar_routes
+from teemesh.spec.compose import (
+    coordinator_compose,
+    gateway_compose,
+    referenced_env,
+    workload_compose,
+)
+from teemesh.spec.model import ClusterSpec, ContrastSpec
+from teemesh.spec.plan import Cvm, Plan, plan_cluster, sidecar_routes
 
 SYSTEM_ROLES = ("coordinator", "kms", "gateway")
 
@@ -33,48 +39,75 @@ def app_compose_json(doc: dict[str, Any]) -> bytes:
 
 def group_app_compose(spec: ClusterSpec, group: str) -> bytes:
     """The exact app-compose.json bytes the CVMs of ``group`` are measured by."""
-    g = spec.workload_groups[group]
-    text = spec.compose_text(group)
-    if g.compose is not None and text is None:
-        raise InputError("its compose file was not read (use load_spec)", field=group)
-    mesh = {
-        "cluster": spec.cluster,
-        "group": group,
-        "command": g.argv(),
-        "backends": {n: b.model_dump(mode="json") for n, b in g.backends.items()},
-        "routes": {n: _measured_route(r) for n, r in g.routes.items()},
-    }
-    if g.compat is not None:  # only when set: specs without it keep their compose hash
-        mesh["compat"] = g.compat.model_dump(mode="json", exclude_none=True)
-    public = any(b.public for b in g.backends.values())
-    return app_compose_json(
-        _dstack_fields(spec, f"{spec.cluster}-{group}", text or "", sorted(g.compose_env))
-        | {"gateway_enabled": public and spec.gateway is not None, "teemesh": mesh}
-    )
-
-
-def _measured_route(route: Route) -> dict[str, Any]:
-    """A route as measured: not its VIP (a local address), and ``per_replica`` only when set, so
-    the routes of specs written before it existed keep their compose hash (and app id)."""
-    skip = {"vip"} if route.per_replica else {"vip", "per_replica"}
-    return route.model_dump(mode="json", exclude=skip)
+    return AppComposes(plan_cluster(spec)).group(group)
 
 
 def system_app_compose(spec: ClusterSpec, role: str) -> bytes:
     """The app-compose of the platform's own CVMs (``coordinator``, ``kms``, ``gateway``): one
     app per role, so all replicas of a role share a compose hash (and the coordinators derive
-    the same mesh CA key)."""
-    if role not in SYSTEM_ROLES:
-        raise InputError(f"expected one of {', '.join(SYSTEM_ROLES)}", field="role")
-    mesh: dict[str, Any] = {"cluster": spec.cluster, "role": role}
-    if role == "coordinator":
-        mesh["store"] = spec.coordinators.store
-        if spec.coordinators.dcs is not None:  # the route it serves, and to whom
-            mesh["dcs"] = spec.coordinators.dcs.model_dump(mode="json", exclude={"vip"})
-    doc = _dstack_fields(spec, f"{spec.cluster}-{role}", "", [])
-    if role == "kms":
-        doc["kms_enabled"] = False  # the KMS keeps its own root keys
-    return app_compose_json(doc | {"teemesh": mesh})
+    the same mesh CA key). The KMS's has no compose: on dstack the KMS is dstack's own, and
+    the local one stands in for it."""
+    return AppComposes(plan_cluster(spec)).system(role)
+
+
+class AppComposes:
+    """The app-composes of one plan, each made once: every group's pins the coordinators' hash,
+    and a policy, the app ids or a cluster's launch need them all."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self._made: dict[str, bytes] = {}
+
+    def group(self, group: str) -> bytes:
+        if group not in self._made:
+            self._made[group] = self._group(group)
+        return self._made[group]
+
+    def system(self, role: str) -> bytes:
+        if role not in SYSTEM_ROLES:
+            raise InputError(f"expected one of {', '.join(SYSTEM_ROLES)}", field="role")
+        key = f"role:{role}"
+        if key not in self._made:
+            self._made[key] = self._system(role)
+        return self._made[key]
+
+    def _group(self, group: str) -> bytes:
+        spec = self.plan.spec
+        g = spec.workload_groups[group]
+        if g.compose is not None and spec.compose_text(group) is None:
+            raise InputError("its compose file was not read (use load_spec)", field=group)
+        text = workload_compose(spec, group, _hosts(self.plan))
+        mesh = {"cluster": spec.cluster, "group": group,
+                "sidecar": _sidecar_section(self, "workload", group)}  # fmt: skip
+        public = any(b.public for b in g.backends.values())
+        envs = sorted(referenced_env(text) | set(g.compose_env))
+        return app_compose_json(
+            _dstack_fields(spec, f"{spec.cluster}-{group}", text, envs)
+            | {"gateway_enabled": public and spec.gateway is not None, "teemesh": mesh}
+        )
+
+    def _system(self, role: str) -> bytes:
+        spec = self.plan.spec
+        if role == "kms":
+            doc = _dstack_fields(spec, f"{spec.cluster}-{role}", "", [])
+            doc["kms_enabled"] = False  # the KMS keeps its own root keys
+            return app_compose_json(doc | {"teemesh": {"cluster": spec.cluster, "role": role}})
+        mesh: dict[str, Any] = {"cluster": spec.cluster, "role": role}
+        if role == "coordinator":
+            text = coordinator_compose(spec)
+            mesh["store"] = spec.coordinators.store
+            if spec.coordinators.dcs is not None:  # its sidecar serves the DCS route
+                mesh["sidecar"] = _sidecar_section(self, "coordinator", "coordinator")
+        else:
+            text = gateway_compose(spec)
+            mesh["sidecar"] = _sidecar_section(self, "gateway", "gateway")
+        doc = _dstack_fields(spec, f"{spec.cluster}-{role}", text, sorted(referenced_env(text)))
+        return app_compose_json(doc | {"teemesh": mesh})
+
+
+def _hosts(plan: Plan) -> dict[str, str]:
+    """Route name -> VIP: every app container's extra hosts."""
+    return {r.name: r.vip for r in plan.routes}
 
 
 def _dstack_fields(spec: ClusterSpec, name: str, compose: str, envs: list[str]) -> dict[str, Any]:
@@ -105,26 +138,20 @@ def cluster_policy(plan: Plan, platform_key: str | None = None) -> dict[str, Any
     ``platform_key`` (PEM text, or a path next to the policy file) pins the simulated platform;
     a ``tee: simulated`` policy is loadable only with it, so ``plan`` shows the rest."""
     spec = plan.spec
-    images = os_image_hashes(spec)
+    apps = AppComposes(plan)
     groups: dict[str, Any] = {}
     for name, group in spec.workload_groups.items():
-        groups[name] = {
-            "compose_hashes": [compose_hash(group_app_compose(spec, name)).hex()],
-            "os_images": images,
+        groups[name] = _attested(spec, apps.group(name)) | {
             "peer_ids": [c.name for c in plan.replicas(name)],
             "services": list(group.backends),
         }
     if spec.coordinators.dcs is not None:  # their sidecars serve the DCS
-        groups["coordinator"] = {
-            "compose_hashes": [compose_hash(system_app_compose(spec, "coordinator")).hex()],
-            "os_images": images,
+        groups["coordinator"] = _attested(spec, apps.system("coordinator")) | {
             "peer_ids": [c.name for c in plan.of_role("coordinator")],
             "services": [spec.coordinators.dcs.route],
         }
     if spec.gateway is not None:
-        groups["gateway"] = {
-            "compose_hashes": [compose_hash(system_app_compose(spec, "gateway")).hex()],
-            "os_images": images,
+        groups["gateway"] = _attested(spec, apps.system("gateway")) | {
             "peer_ids": [c.name for c in plan.of_role("gateway")],
             "services": [],
         }
@@ -133,18 +160,39 @@ def cluster_policy(plan: Plan, platform_key: str | None = None) -> dict[str, Any
         doc["platform_key"] = platform_key
     vpc = spec.coordinators.vpc
     if vpc is not None:
-        allowed = "any" if vpc.allowed == "any" else [app_id(spec, g) for g in vpc.allowed]
+        allowed = "any" if vpc.allowed == "any" else [_app_id(apps.group(g)) for g in vpc.allowed]
         doc["vpc"] = {"allowed_apps": allowed}
     return doc | {"groups": groups}
+
+
+def _attested(spec: ClusterSpec, app_compose: bytes | None) -> dict[str, Any]:
+    """What an app's CVMs must show: its compose hash (None: left to the caller), the OS image,
+    the KMS its keys come from, and a TCB status the cluster accepts."""
+    hashes = {} if app_compose is None else {"compose_hashes": [compose_hash(app_compose).hex()]}
+    return hashes | {
+        "os_images": os_image_hashes(spec),
+        "key_providers": [key_provider(spec)],
+        "allowed_tcb_statuses": list(spec.allowed_tcb_statuses),
+    }
+
+
+def key_provider(spec: ClusterSpec) -> dict[str, str]:
+    """The key provider the CVMs measure: the cluster's KMS (by its root key when the spec pins
+    it), or ``none`` without one."""
+    if spec.kms.count == 0:
+        return {"name": "none"}
+    pinned = spec.kms.key_provider_id
+    return {"name": "kms"} | ({"id": pinned} if pinned else {})
 
 
 def app_ids(spec: ClusterSpec) -> dict[str, str]:
     """Every app's id where the platform derives it from the compose hash: each workload group
     and the platform's own roles. The coordinators' is the one dstack-vpc apps call the VPC
     server (``x-dstack-target-app``)."""
-    ids = {name: app_id(spec, name) for name in spec.workload_groups}
+    apps = AppComposes(plan_cluster(spec))
+    ids = {name: _app_id(apps.group(name)) for name in spec.workload_groups}
     roles = ["coordinator", *(["gateway"] if spec.gateway is not None else [])]
-    return ids | {r: default_app_id(compose_hash(system_app_compose(spec, r))).hex() for r in roles}
+    return ids | {role: _app_id(apps.system(role)) for role in roles}
 
 
 def coordinator_attest_policy(plan: Plan, platform_key: str | None = None) -> dict[str, Any]:
@@ -152,17 +200,17 @@ def coordinator_attest_policy(plan: Plan, platform_key: str | None = None) -> di
     doc: dict[str, Any] = {"tee": plan.spec.tee}
     if platform_key is not None:
         doc["platform_key"] = platform_key
-    coordinator = system_app_compose(plan.spec, "coordinator")
-    return doc | {
-        "compose_hashes": [compose_hash(coordinator).hex()],
-        "os_images": os_image_hashes(plan.spec),
-    }
+    return doc | _attested(plan.spec, AppComposes(plan).system("coordinator"))
 
 
 def app_id(spec: ClusterSpec, group: str) -> str:
     """The dstack app id of ``group`` where the platform derives it from the compose hash (the
     simulated agent does; on dstack the KMS may assign another): the gateway's ``<id>``."""
-    return default_app_id(compose_hash(group_app_compose(spec, group))).hex()
+    return _app_id(group_app_compose(spec, group))
+
+
+def _app_id(app_compose: bytes) -> str:
+    return default_app_id(compose_hash(app_compose)).hex()
 
 
 def public_endpoints(plan: Plan) -> list[dict[str, Any]]:
@@ -170,15 +218,23 @@ def public_endpoints(plan: Plan) -> list[dict[str, Any]]:
     spec = plan.spec
     if spec.gateway is None:
         return []
+    apps = AppComposes(plan)
     out = []
-    for name, group in spec.workload_groups.items():
-        app = app_id(spec, name)
-        for backend, b in group.backends.items():
-            if b.public:
-                host = f"{app}-{b.port}.{spec.gateway.base_domain}"
-                out.append({"group": name, "backend": backend, "port": b.port, "app_id": app,
-                            "host": host})  # fmt: skip
+    for entry in _public_backends(plan):
+        app = _app_id(apps.group(entry["group"]))
+        host = f"{app}-{entry['port']}.{spec.gateway.base_domain}"
+        out.append(entry | {"app_id": app, "host": host})
     return out
+
+
+def _public_backends(plan: Plan) -> list[dict[str, Any]]:
+    """Each backend the spec marks public: what the gateway may reach."""
+    return [
+        {"group": name, "backend": backend, "port": b.port}
+        for name, group in plan.spec.workload_groups.items()
+        for backend, b in group.backends.items()
+        if b.public
+    ]
 
 
 def gateway_settings(
@@ -194,10 +250,7 @@ def gateway_settings(
         "certificate": certificate,
         "key": key,
         "listen": f"0.0.0.0:{spec.gateway.port}",
-        "public": [
-            {"group": e["group"], "backend": e["backend"], "port": e["port"]}
-            for e in public_endpoints(plan)
-        ],
+        "public": _public_backends(plan),
         "txt_records": txt_records,
     }
 
@@ -209,27 +262,21 @@ def runs_sidecar(spec: ClusterSpec, role: str) -> bool:
     )
 
 
-def sidecar_config(
-    plan: Plan,
-    cvm: Cvm | str,
-    coordinator_urls: list[str],
-    coordinator_policy: dict[str, Any],
-    *,
-    gateway: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The sidecar configuration document of a workload, gateway or DCS-serving coordinator CVM.
+def sidecar_section(plan: Plan, role: str, group: str) -> dict[str, Any]:
+    """What every sidecar of one app is configured with, measured in its app-compose (see
+    ``_sidecar_section``)."""
+    return _sidecar_section(AppComposes(plan), role, group)
 
-    Every CVM gets the same routes with the same VIPs; a route's ``callers`` gain ``gateway``
-    when its backend is public and the cluster has a gateway. ``coordinator_urls`` are usually
-    ``plan.coordinator_urls()``, and ``coordinator_policy`` ``coordinator_attest_policy(plan,
-    platform_key)``. The gateway CVM's sidecar needs ``gateway`` (``gateway_settings``); with
-    ``transport: gateway`` the workloads' sidecars reach each other through it."""
-    if isinstance(cvm, str):
-        cvm = plan.cvm(cvm)
+
+def _sidecar_section(apps: AppComposes, role: str, group: str) -> dict[str, Any]:
+    """What every sidecar of one app is configured with, measured in its app-compose: the
+    cluster's routes with their VIPs and callers, the app's backends and interfaces, and how it
+    pins its coordinators (by compose hash, except in the coordinators' own app, whose sidecar
+    pins its own: the hash of a document cannot be in it). ``teemesh sidecar dstack`` completes it
+    with the replica's own settings (``teemesh.sidecar.dstack``), ``sidecar_config`` here."""
+    plan = apps.plan
     spec = plan.spec
-    if not runs_sidecar(spec, cvm.role):
-        raise InputError(f"{cvm.name} is a {cvm.role} CVM, which runs no sidecar", field="CVM")
-    group = spec.mesh_groups().get(cvm.group) if cvm.role != "gateway" else None
+    mesh_group = spec.mesh_groups().get(group) if role != "gateway" else None
     planned = {r.name: r for r in plan.routes}
     has_gateway = spec.gateway is not None
     routes = {
@@ -249,33 +296,72 @@ def sidecar_config(
             "owner": b.owner,
             "health": b.model_dump(mode="json")["health"],
         }
-        for name, b in (group.backends.items() if group else ())
+        for name, b in (mesh_group.backends.items() if mesh_group else ())
     }
     extra: dict[str, Any] = {}
-    compat = spec.workload_groups[cvm.group].compat if cvm.role == "workload" else None
+    compat = spec.workload_groups[group].compat if role == "workload" else None
     if compat is not None:
         extra |= compat.model_dump(mode="json", exclude_none=True, exclude={"contrast"})
         if compat.contrast is not None:  # the sidecar's file form: the checked entries
             extra["contrast"] = _contrast_section(compat.contrast)
-    if cvm.role == "gateway":
-        if gateway is None:
-            raise InputError("the gateway CVM's sidecar needs its gateway settings", field="CVM")
-        extra["gateway"] = gateway
+    if role == "gateway" and spec.gateway is not None:
+        extra["gateway"] = {
+            "base_domain": spec.gateway.base_domain,
+            "listen": f"0.0.0.0:{spec.gateway.port}",
+            "public": _public_backends(plan),
+        }
     elif spec.transport == "gateway" and spec.gateway is not None:
-        way_in = plan.of_role("gateway")[0]
-        extra["via_gateway"] = {"address": f"{way_in.address}:{spec.gateway.port}",
-                                "base_domain": spec.gateway.base_domain}  # fmt: skip
+        extra["via_gateway"] = {"base_domain": spec.gateway.base_domain}
+    pin = {"tee": spec.tee} | _attested(
+        spec, None if role == "coordinator" else apps.system("coordinator")
+    )
     return extra | {
         "cluster": spec.cluster,
-        "group": cvm.group,
-        "peer_id": cvm.name,
-        "coordinators": list(coordinator_urls),
-        "coordinator_policy": dict(coordinator_policy),
-        "address": cvm.address,
+        "group": group,
+        "coordinator_policy": pin,
         "ingress": f"0.0.0.0:{spec.sidecar.ingress}",
         "api": f"127.0.0.1:{spec.sidecar.api}",
         "backends": backends,
         "routes": routes,
+    }
+
+
+def sidecar_config(
+    plan: Plan,
+    cvm: Cvm | str,
+    coordinator_urls: list[str],
+    coordinator_policy: dict[str, Any],
+    *,
+    gateway: dict[str, Any] | None = None,
+    composes: AppComposes | None = None,
+) -> dict[str, Any]:
+    """The sidecar configuration document of a workload, gateway or DCS-serving coordinator CVM:
+    its app's measured ``sidecar_section`` and the CVM's own settings (``composes``: the plan's,
+    when the caller has them, as a launch of many CVMs does).
+
+    ``coordinator_urls`` are usually ``plan.coordinator_urls()``, and ``coordinator_policy``
+    ``coordinator_attest_policy(plan, platform_key)``. The gateway CVM's sidecar needs
+    ``gateway`` (``gateway_settings``); with ``transport: gateway`` the workloads' sidecars reach
+    each other through it."""
+    if isinstance(cvm, str):
+        cvm = plan.cvm(cvm)
+    spec = plan.spec
+    if not runs_sidecar(spec, cvm.role):
+        raise InputError(f"{cvm.name} is a {cvm.role} CVM, which runs no sidecar", field="CVM")
+    section = _sidecar_section(composes or AppComposes(plan), cvm.role, cvm.group)
+    if cvm.role == "gateway":
+        if gateway is None:
+            raise InputError("the gateway CVM's sidecar needs its gateway settings", field="CVM")
+        section["gateway"] = gateway
+    elif "via_gateway" in section:
+        way_in = plan.of_role("gateway")[0]
+        assert spec.gateway is not None
+        section["via_gateway"] |= {"address": f"{way_in.address}:{spec.gateway.port}"}
+    return section | {
+        "peer_id": cvm.name,
+        "coordinators": list(coordinator_urls),
+        "coordinator_policy": dict(coordinator_policy),
+        "address": cvm.address,
     }
 
 

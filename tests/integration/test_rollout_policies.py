@@ -31,7 +31,7 @@ pytestmark = pytest.mark.integration
 
 def spec_plan(version: str) -> Plan:
     return plan_cluster(parse_spec({
-        "cluster": "demo", "tee": "simulated",
+        "cluster": "demo", "tee": "simulated", "kms": {"count": 0},  # the agents' own keys
         "workload_groups": {"web": {"replicas": 2, "command": f"serve --{version}",
                                     "backends": {"web": {"port": 8080}}}},
     }))  # fmt: skip

@@ -174,6 +174,14 @@ def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
     return change
 
 
+def _both(*changes: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+    def change(d: dict[str, Any]) -> None:
+        for one in changes:
+            one(d)
+
+    return change
+
+
 def _add_group(name: str, body: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
     return lambda d: groups(d).update({name: body})
 
@@ -349,7 +357,9 @@ def test_compose_files_are_read_beside_the_spec_and_measured(tmp_path: Path) -> 
     path.write_text(yaml.safe_dump(doc(_set(f"{W}.api.compose", "api/compose.yaml"))))
     spec = load_spec(path)
     measured = json.loads(group_app_compose(spec, "api"))
-    assert measured["docker_compose_file"] == "services: {web: {image: nginx}}\n"
+    rendered = yaml.safe_load(measured["docker_compose_file"])
+    assert rendered["services"]["web"]["image"] == "nginx"
+    assert rendered["services"]["web"]["network_mode"] == "host"
     (tmp_path / "api" / "compose.yaml").write_text("services: {web: {image: evil}}\n")
     assert group_app_compose(load_spec(path), "api") != group_app_compose(spec, "api")
     (tmp_path / "api" / "compose.yaml").unlink()
@@ -370,13 +380,18 @@ def test_the_app_compose_is_dstack_normalized_json() -> None:
     assert raw == json.dumps(measured, sort_keys=True, separators=(",", ":")).encode()
     assert measured["name"] == "starter-api"
     assert measured["runner"] == "docker-compose"
-    assert measured["allowed_envs"] == ["A", "B"]  # names only: values are not measured
-    assert measured["teemesh"]["command"] == [
-        "/bin/sh", "-c", "python -m teemesh.examples.starter --port 8080",
+    # names only: values are not measured; the replica's own settings are env too
+    assert measured["allowed_envs"] == [
+        "A", "B", "TEEMESH_ADDRESS", "TEEMESH_COORDINATORS", "TEEMESH_INDEX", "TEEMESH_PEER_ID",
+        "TEEMESH_PLATFORM_KEY",
     ]  # fmt: skip
-    assert measured["teemesh"]["routes"] == {
-        "api": {"backend": "api", "port": None, "role": None, "callers": None}
-    }
+    app = yaml.safe_load(measured["docker_compose_file"])["services"]["app"]
+    assert app["entrypoint"] == ["/bin/sh", "-c", "python -m teemesh.examples.starter --port 8080"]
+    assert app["environment"]["A"] == "${A}"
+    assert measured["teemesh"]["sidecar"]["routes"]["api"] == {
+        "backend": "api", "port": 8080, "role": None, "peer": None, "callers": None,
+        "vip": "127.77.0.10",
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -386,7 +401,8 @@ def test_the_app_compose_is_dstack_normalized_json() -> None:
         (_set(f"{W}.worker.compose_env", {"K": "v"}), False),
         (_set(f"{W}.worker.routes.worker.callers", ["api", "worker"]), False),
         (_set(f"{W}.worker.command", "sh -c evil"), False),
-        (_set(f"{W}.worker.backends.worker.public", True), False),
+        (_set(f"{W}.worker.backends.worker.public", True), True),  # no gateway, no change
+        (_both(_set("gateway", {}), _set(f"{W}.worker.backends.worker.public", True)), False),
     ],
 )
 def test_what_changes_a_group_compose_hash(

@@ -203,8 +203,10 @@ def test_contrast_settings_mean_what_the_variables_do(
 def test_contrast_settings_are_measured() -> None:
     plain = parse_spec(spec_doc(compat={"client_proxy": {}}))
     with_contrast = parse_spec(spec_doc(compat={"client_proxy": {}, "contrast": CONTRAST}))
-    measured = json.loads(group_app_compose(with_contrast, "web"))["teemesh"]["compat"]
-    assert measured["contrast"] == CONTRAST
+    measured = json.loads(group_app_compose(with_contrast, "web"))["teemesh"]["sidecar"]
+    plan = plan_cluster(with_contrast)
+    pin = coordinator_attest_policy(plan, PEM)
+    assert measured["contrast"] == sidecar_config(plan, "web-0", [], pin)["contrast"]
     assert compose_hash(group_app_compose(with_contrast, "web")) != compose_hash(
         group_app_compose(plain, "web")
     )

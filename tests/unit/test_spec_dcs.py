@@ -141,6 +141,8 @@ def test_the_policy_admits_the_coordinators_as_the_group_coordinator() -> None:
     assert policy["groups"]["coordinator"] == {
         "compose_hashes": [compose_hash(system_app_compose(spec, "coordinator")).hex()],
         "os_images": policy["groups"]["db"]["os_images"],
+        "key_providers": [{"name": "kms"}],
+        "allowed_tcb_statuses": ["UpToDate"],
         "peer_ids": ["coordinator-0", "coordinator-1", "coordinator-2"],
         "services": ["etcd"],
     }
@@ -204,7 +206,7 @@ def test_runs_sidecar(role: str, plain: bool, dcs: bool) -> None:
     assert runs_sidecar(spec_of(with_dcs()), role) is dcs
 
 
-def test_the_coordinator_compose_measures_the_dcs_but_not_its_vip() -> None:
+def test_the_coordinator_compose_measures_the_dcs() -> None:
     def compose(d: dict[str, Any]) -> bytes:
         return system_app_compose(spec_of(d), "coordinator")
 
@@ -214,17 +216,20 @@ def test_the_coordinator_compose_measures_the_dcs_but_not_its_vip() -> None:
     assert compose(with_dcs(callers=["db", "web"])) != dcs
     assert compose(with_dcs(port=2400)) != dcs
     assert compose(with_dcs(route="dcs")) != dcs
-    pinned = compose(with_dcs(vip="127.77.9.9"))
-    assert pinned == dcs
-    assert b"127.77.9.9" not in pinned
+    # its VIP is measured: every sidecar's route table is (the same VIP gives the same bytes)
+    assert compose(with_dcs(vip="127.77.9.9")) != dcs
+    assert compose(with_dcs(vip="127.77.0.12")) == dcs
     measured = json.loads(dcs)["teemesh"]
-    assert measured["dcs"] == {"route": "etcd", "port": 2379, "callers": ["db"]}
-    assert "dcs" not in json.loads(plain)["teemesh"]
-    # the other roles' composes do not depend on it
-    for role in ("kms", "gateway"):
-        assert system_app_compose(spec_of(doc()), role) == system_app_compose(
-            spec_of(with_dcs()), role
-        )
+    etcd = measured["sidecar"]["backends"]["etcd"]
+    assert (etcd["port"], etcd["health"]["http"]) == (2379, "/health")
+    assert measured["sidecar"]["routes"]["etcd"]["callers"] == ["db"]
+    assert "compose_hashes" not in measured["sidecar"]["coordinator_policy"]  # its own
+    assert "sidecar" not in json.loads(plain)["teemesh"]
+    assert b"teemesh-dcs" in dcs and b"teemesh-dcs" not in plain
+    # the KMS's compose does not depend on it
+    assert system_app_compose(spec_of(doc()), "kms") == system_app_compose(
+        spec_of(with_dcs()), "kms"
+    )
 
 
 # -- coordinators.dcs: what is refused --------------------------------------------------------
@@ -406,25 +411,23 @@ def test_the_expanded_names_of_two_groups_may_not_clash() -> None:
 
 
 def measured_routes(d: dict[str, Any], group: str = "db") -> dict[str, Any]:
-    routes: dict[str, Any] = json.loads(group_app_compose(spec_of(d), group))["teemesh"]["routes"]
+    measured = json.loads(group_app_compose(spec_of(d), group))["teemesh"]
+    routes: dict[str, Any] = measured["sidecar"]["routes"]
     return routes
 
 
-def test_per_replica_is_measured_only_when_set() -> None:
+def test_per_replica_is_measured_as_the_names_it_serves() -> None:
     plain = measured_routes(doc())
-    assert plain == {
-        "postgres": {"backend": "postgres", "port": None, "role": None, "callers": ["db", "web"]}
-    }
+    assert plain["postgres"] == {"backend": "postgres", "port": 5432, "role": None,
+                                 "peer": None, "callers": ["db", "web"], "vip": "127.77.0.10"}  # fmt: skip
     # saying false is saying nothing: the compose (and so the app id) stays as it was
     said_false = doc(_set(f"{W}.db.routes.postgres.per_replica", False))
     assert group_app_compose(spec_of(said_false), "db") == group_app_compose(spec_of(doc()), "db")
     expanded = measured_routes(per_replica())
-    assert expanded["api"] == {
-        "backend": "api", "port": None, "role": None, "callers": ["db"], "per_replica": True
-    }  # fmt: skip
-    assert "per_replica" not in expanded["postgres"]
+    assert [expanded[f"api-{i}"]["peer"] for i in range(2)] == ["db-0", "db-1"]
+    assert "api" not in expanded
     one_route = doc(_set(f"{W}.db.routes.api", {"backend": "api", "callers": ["db"]}))
-    assert "per_replica" not in measured_routes(one_route)["api"]
+    assert measured_routes(one_route)["api"]["peer"] is None
     assert group_app_compose(spec_of(per_replica()), "db") != group_app_compose(
         spec_of(one_route), "db"
     )

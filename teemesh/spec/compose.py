@@ -1,0 +1,282 @@
+"""The docker compose each dstack app runs: the user's services and the teemesh containers.
+
+Pure: a spec in, compose text out, the same bytes every time (the text is part of what the CVMs
+are measured by). Every container runs in the CVM's network (``network_mode: host``), as dstack
+apps do, so the sidecar's route VIPs on loopback are the apps' too; route names reach the apps
+through ``extra_hosts`` (their ``/etc/hosts``), so no DNS is involved. Values that differ between
+replicas are ``${VAR}`` references to the app's environment (dstack's encrypted env): compose
+fills them in, and only their names are measured.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import yaml
+
+from teemesh.errors import InputError
+from teemesh.sidecar.dstack import (
+    ENV_ADDRESS,
+    ENV_GATEWAY_CERT,
+    ENV_GATEWAY_KEY,
+    ENV_PEER_ID,
+    ENV_PLATFORM_KEY,
+    ENV_VIA_GATEWAY,
+    REPLICA_ENV,
+)
+from teemesh.spec.model import (
+    DCS_PEER_PORT,
+    ETCD_CLIENT_PORT,
+    ETCD_METRICS_PORT,
+    ETCD_PEER_PORT,
+    ClusterSpec,
+)
+
+DSTACK_SOCKET = "/var/run/dstack.sock"
+"""Where dstack's guest agent listens in the CVM, and in the containers that mount it."""
+STATE = "/var/lib/teemesh"
+SIDECAR = "teemesh-sidecar"
+VOLUME = "teemesh-state"
+APP = "app"
+ENV_POLICY = "TEEMESH_CLUSTER_POLICY"
+"""The coordinator app: the cluster policy document (JSON), as ``teemesh render`` wrote it."""
+ENV_ADMIN_TOKEN = "TEEMESH_ADMIN_TOKEN"  # noqa: S105 (the variable's name, not a token)
+"""The coordinator app: the admin API's bearer token (32+ characters), which the operator keeps."""
+ENV_CATALOG_CLUSTER = "TEEMESH_CATALOG_CLUSTER"
+ENV_CATALOG_ENDPOINTS = "TEEMESH_CATALOG_ENDPOINTS"
+ENV_DCS_CLUSTER = "TEEMESH_DCS_CLUSTER"
+"""etcd's ``--initial-cluster`` of the catalog and of the DCS: ``<peer id>=https://<addr>:<port>,...``."""
+_REFERENCE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)|\$([A-Za-z_][A-Za-z0-9_]*)")
+PINNED = re.compile(r"[^@\s]+@sha256:[0-9a-f]{64}")
+_UNSUPPORTED = {
+    "build": "dstack builds no image: give an image, pinned by digest",
+    "ports": "every container runs in the CVM's network (network_mode: host): its ports are "
+    "the ports it listens on; remove ports",
+    "networks": "every container runs in the CVM's network (network_mode: host); remove networks",
+}
+
+
+def compose_yaml(doc: dict[str, Any]) -> str:
+    """One text per document: block style, keys in the order given, no line folding."""
+    return yaml.safe_dump(
+        doc, sort_keys=False, default_flow_style=False, allow_unicode=True, width=1 << 30
+    )
+
+
+def unpinned_images(text: str) -> list[tuple[str, str]]:
+    """(service, image) for every image of a rendered compose that is not pinned by digest (a
+    tag can be moved to other code; a digest cannot)."""
+    doc = yaml.safe_load(text) or {}
+    return [
+        (name, str(service.get("image")))
+        for name, service in (doc.get("services") or {}).items()
+        if not PINNED.fullmatch(str(service.get("image") or ""))
+    ]
+
+
+def _required(name: str) -> str:
+    """``${NAME:?...}``: compose refuses to start the app without it, and says which."""
+    return f"${{{name}:?set {name} in the app's environment}}"
+
+
+def replica_env(spec: ClusterSpec, *, sidecar: bool) -> list[str]:
+    """The per-replica variable names an app's compose refers to: its identity, and for a
+    sidecar what it cannot measure (the simulated platform's key, the gateway's address)."""
+    names = list(REPLICA_ENV)
+    if sidecar and spec.tee == "simulated":
+        names.append(ENV_PLATFORM_KEY)
+    if sidecar and spec.transport == "gateway" and spec.gateway is not None:
+        names.append(ENV_VIA_GATEWAY)
+    return names
+
+
+def workload_compose(spec: ClusterSpec, group: str, hosts: dict[str, str]) -> str:
+    """The compose of ``group``'s app: its sidecar, its ``command`` (in the teemesh image) and
+    the services of its compose file, each given the route names (``hosts``: name -> VIP)."""
+    g = spec.workload_groups[group]
+    services: dict[str, Any] = {SIDECAR: _sidecar_service(spec, replica_env(spec, sidecar=True))}
+    extra_hosts = [f"{name}:{vip}" for name, vip in hosts.items()]
+    argv = g.argv()
+    if argv:
+        env = {
+            "TEEMESH_CLUSTER": spec.cluster,
+            "TEEMESH_GROUP": group,
+            **{name: _required(name) for name in REPLICA_ENV},
+            "TEEMESH_SIDECAR_API": f"http://127.0.0.1:{spec.sidecar.api}",
+            **{name: f"${{{name}}}" for name in sorted(g.compose_env)},
+        }
+        services[APP] = {
+            "image": spec.image,
+            "network_mode": "host",
+            "restart": "always",
+            "depends_on": [SIDECAR],
+            "entrypoint": [_escape(a) for a in argv],
+            "environment": env,
+            "volumes": [f"{DSTACK_SOCKET}:{DSTACK_SOCKET}"],
+            "extra_hosts": extra_hosts,
+        }
+    user = _user_compose(spec, group)
+    for name, service in (user.get("services") or {}).items():
+        if name in (SIDECAR, APP):  # reserved even when unused: adding a command moves nothing
+            raise InputError(f"the service name {name!r} is teemesh's", field=_where(group, name))
+        services[name] = _wired(service, group, name, extra_hosts)
+    doc: dict[str, Any] = {"services": services}
+    volumes = user.get("volumes") or {}
+    if VOLUME in volumes:
+        raise InputError(f"volumes: the name {VOLUME!r} is teemesh's",
+                         field=f"workload_groups.{group}.compose")  # fmt: skip
+    doc["volumes"] = {VOLUME: {}} | volumes
+    for key, value in user.items():  # the rest of the user's file, as written
+        if key not in ("services", "volumes", "version"):
+            doc[key] = value
+    return compose_yaml(doc)
+
+
+def coordinator_compose(spec: ClusterSpec) -> str:
+    """The coordinators' app: the coordinator, its catalog's etcd member (``store: etcd``),
+    and with a DCS the DCS member and the sidecar that serves it."""
+    state = f"{STATE}/coordinator"
+    argv = [
+        "coordinator", "--policy-env", ENV_POLICY, "--admin-token-env", ENV_ADMIN_TOKEN,
+        "--listen", f"0.0.0.0:{spec.coordinators.port}", "--state", state,
+        "--agent", DSTACK_SOCKET,
+        "--name", _required(ENV_ADDRESS), "--name", _required(ENV_PEER_ID),
+    ]  # fmt: skip
+    own = [ENV_PEER_ID, ENV_ADDRESS]
+    services: dict[str, Any] = {}
+    env = [*own, ENV_POLICY, ENV_ADMIN_TOKEN]
+    if spec.coordinators.store == "etcd":
+        argv += ["--store", "etcd", "--etcd-endpoints", _required(ENV_CATALOG_ENDPOINTS)]
+        env.append(ENV_CATALOG_ENDPOINTS)
+        client = f"https://{_required(ENV_ADDRESS)}:{ETCD_CLIENT_PORT}"
+        metrics = f"http://{_required(ENV_ADDRESS)}:{ETCD_METRICS_PORT}"
+        member = store_member_argv(
+            spec.cluster, "etcd", client=client, peer_port=ETCD_PEER_PORT,
+            cluster_env=ENV_CATALOG_CLUSTER, metrics=metrics,
+        )  # fmt: skip
+        services["teemesh-catalog"] = _teemesh_service(spec, member, [*own, ENV_CATALOG_CLUSTER])
+    services["teemesh-coordinator"] = _teemesh_service(spec, argv, env)
+    if spec.coordinators.dcs is not None:
+        client = f"http://127.0.0.1:{spec.coordinators.dcs.port}"
+        member = store_member_argv(spec.cluster, "dcs", client=client, peer_port=DCS_PEER_PORT,
+                                   cluster_env=ENV_DCS_CLUSTER)  # fmt: skip
+        services["teemesh-dcs"] = _teemesh_service(spec, member, [*own, ENV_DCS_CLUSTER])
+        services[SIDECAR] = _sidecar_service(spec, replica_env(spec, sidecar=True))
+    return compose_yaml({"services": services, "volumes": {VOLUME: {}}})
+
+
+def referenced_env(text: str) -> set[str]:
+    """The variables a compose text refers to (``$NAME``, ``${NAME}``, ``${NAME:-x}``...; not
+    ``$$``): what compose fills in from the app's environment, so its ``allowed_envs``."""
+    return {m[1] or m[2] for m in _REFERENCE.finditer(text) if m[0] != "$$"}
+
+
+def gateway_compose(spec: ClusterSpec) -> str:
+    """The gateway's app: a sidecar with the public listener, its certificate from the env."""
+    names = [*replica_env(spec, sidecar=True), ENV_GATEWAY_CERT, ENV_GATEWAY_KEY]
+    names = [n for n in names if n != ENV_VIA_GATEWAY]
+    return compose_yaml(
+        {"services": {SIDECAR: _sidecar_service(spec, names)}, "volumes": {VOLUME: {}}}
+    )
+
+
+def store_member_argv(
+    cluster: str,
+    store: str,
+    *,
+    client: str,
+    peer_port: int,
+    cluster_env: str,
+    metrics: str | None = None,
+) -> list[str]:
+    """``teemesh store-member ... -- etcd ...`` for one member in a coordinator CVM, its name,
+    address and peers from the env."""
+    address, name = _required(ENV_ADDRESS), _required(ENV_PEER_ID)
+    peer = f"https://{address}:{peer_port}"
+    return [
+        "store-member", "--cluster", cluster, "--store", store,
+        "--tls-dir", f"{STATE}/{store}-tls", "--agent", DSTACK_SOCKET,
+        "--name", address, "--name", name,
+        *(["--client-tls"] if client.startswith("https://") else []),
+        "--",
+        "etcd", "--name", name, "--data-dir", f"{STATE}/{store}",
+        "--listen-client-urls", client, "--advertise-client-urls", client,
+        "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+        "--initial-cluster", _required(cluster_env), "--initial-cluster-state", "new",
+        "--initial-cluster-token", f"teemesh-{cluster}-{store}",
+        *(["--listen-metrics-urls", metrics] if metrics else []),
+    ]  # fmt: skip
+
+
+def _sidecar_service(spec: ClusterSpec, env: list[str]) -> dict[str, Any]:
+    argv = ["sidecar", "dstack", "--agent", DSTACK_SOCKET, "--state", f"{STATE}/sidecar"]
+    return _teemesh_service(spec, argv, env)
+
+
+def _teemesh_service(spec: ClusterSpec, argv: list[str], env: list[str]) -> dict[str, Any]:
+    """A container of the teemesh image (its entrypoint is ``teemesh``)."""
+    return {
+        "image": spec.image,
+        "network_mode": "host",
+        "restart": "always",
+        "command": argv,
+        "environment": {name: _required(name) for name in env},
+        "volumes": [f"{DSTACK_SOCKET}:{DSTACK_SOCKET}", f"{VOLUME}:{STATE}"],
+    }
+
+
+def _user_compose(spec: ClusterSpec, group: str) -> dict[str, Any]:
+    text = spec.compose_text(group)
+    if text is None:
+        return {}
+    where = f"workload_groups.{group}.compose"
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise InputError(f"not YAML: {exc}", field=where) from exc
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict) or not isinstance(doc.get("services") or {}, dict):
+        raise InputError("expected a compose file (a mapping with services)", field=where)
+    if not isinstance(doc.get("volumes") or {}, dict):
+        raise InputError("volumes: expected a mapping", field=where)
+    return doc
+
+
+def _wired(service: Any, group: str, name: str, extra_hosts: list[str]) -> dict[str, Any]:
+    """A user's service in the CVM's network, with the route names."""
+    where = _where(group, name)
+    if not isinstance(service, dict):
+        raise InputError("expected a mapping", field=where)
+    problems = [f"{key}: {why}" for key, why in _UNSUPPORTED.items() if key in service]
+    mode = service.get("network_mode", "host")
+    if mode != "host":
+        problems.append(f"network_mode: {mode!r}; every container runs in the CVM's network")
+    if not isinstance(service.get("image"), str):
+        problems.append("image: missing (dstack pulls images, pinned by digest)")
+    given = service.get("extra_hosts") or []
+    if isinstance(given, dict):
+        given = [f"{host}:{address}" for host, address in given.items()]
+    if not isinstance(given, list):
+        problems.append("extra_hosts: expected a list or a mapping")
+    if problems:
+        raise InputError("; ".join(problems), field=where)
+    out = dict(service) | {"network_mode": "host", "extra_hosts": [*given, *extra_hosts]}
+    depends = out.get("depends_on")
+    if depends is None:
+        out["depends_on"] = [SIDECAR]
+    elif isinstance(depends, list):
+        out["depends_on"] = [*depends, SIDECAR]
+    elif isinstance(depends, dict):
+        out["depends_on"] = depends | {SIDECAR: {"condition": "service_started"}}
+    return out
+
+
+def _where(group: str, service: str) -> str:
+    return f"workload_groups.{group}.compose: services.{service}"
+
+
+def _escape(arg: str) -> str:
+    """Compose reads ``$`` in any value as interpolation: ``$$`` keeps it for the command."""
+    return arg.replace("$", "$$")

@@ -12,7 +12,7 @@ from teemesh.cli.coordinator import coordinator, store_member
 from teemesh.cli.kms import kms
 from teemesh.cli.local import COMMANDS as LOCAL_COMMANDS
 from teemesh.cli.sidecar import sidecar
-from teemesh.cli.spec import import_hcl, plan, rollout
+from teemesh.cli.spec import import_hcl, plan, render, rollout
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -31,6 +31,7 @@ cli.add_command(sidecar)
 cli.add_command(plan)
 cli.add_command(import_hcl)
 cli.add_command(rollout)
+cli.add_command(render)
 for command in LOCAL_COMMANDS:
     cli.add_command(command)
 

@@ -47,6 +47,8 @@ def _print_plan(laid_out: Plan, policy: dict[str, Any], ids: dict[str, str]) -> 
                 ("coordinators", f"{coordinators.count}, store {coordinators.store}"),
                 ("kms", spec.kms.count),
                 ("gateway", spec.gateway.base_domain if spec.gateway else "none (nothing public)"),
+                ("teemesh image", spec.image),
+                ("TCB statuses", ", ".join(spec.allowed_tcb_statuses)),
             ],
         )
     )
@@ -169,3 +171,83 @@ def rollout_plan(old_path: Path, new_path: Path, as_json: bool) -> None:
     stdout.print(grid(f"rollout of {', '.join(steps.changed) or 'the policy'}", columns, rows))
     stdout.print("publish: write the policy (--json shows it) to the coordinators' policy file, "
                  "then teemesh admin reload")  # fmt: skip
+
+
+@click.command("render")
+@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Folder to write into (created; the files it names are replaced).",
+)
+@click.option(
+    "--group",
+    "groups",
+    multiple=True,
+    help="Render only this app (a workload group, coordinator or gateway); repeatable. The "
+    "policy is always the whole cluster's.",
+)
+@click.option(
+    "--allow-unpinned-images",
+    is_flag=True,
+    help="Render images referenced by tag: the compose hash then pins a name, not the code.",
+)
+@click.option(
+    "--platform-key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="tee: simulated only: the simulated platform's public key (PEM) for the policy.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def render(
+    spec_path: Path,
+    out: Path,
+    groups: tuple[str, ...],
+    allow_unpinned_images: bool,
+    platform_key: Path | None,
+    as_json: bool,
+) -> None:
+    """Write each dstack app's docker-compose.yaml, app-compose.json and compose hash, and the
+    admission policy that admits exactly those hashes (cluster-policy.json). The same spec
+    gives the same bytes."""
+    from teemesh.spec import load_spec, plan_cluster  # noqa: PLC0415
+    from teemesh.spec.deploy import render as render_apps  # noqa: PLC0415
+
+    try:
+        laid_out = plan_cluster(load_spec(spec_path))
+        pem = platform_key.read_text() if platform_key is not None else None
+        rendered = render_apps(laid_out, groups=groups, allow_unpinned=allow_unpinned_images,
+                               platform_key=pem)  # fmt: skip
+        written = _write_all(out, rendered.files())
+    except MeshError as exc:
+        fail(exc)
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"cannot write the rendered files: {exc}")
+    manifest = rendered.manifest()
+    if as_json:
+        print_json(manifest | {"out": str(out), "files": written})
+        return
+    rows = [
+        (name, app["compose_hash"][:12], app["app_id"][:12],
+         str(len(app["replicas"])), "yes" if name in rendered.chosen else "",
+         ", ".join(n for n in app["allowed_envs"] if not n.startswith("TEEMESH_")) or "-")
+        for name, app in manifest["apps"].items()
+    ]  # fmt: skip
+    columns = ("app", "compose hash", "app id", "replicas", "written", "own env")
+    stdout.print(grid(f"rendered {rendered.cluster} into {out}", columns, rows))
+    stdout.print(f"full hashes: {out}/<app>/compose-hash, {out / 'manifest.json'}")
+    stdout.print(f"policy: {out / manifest['policy']} (per app: compose hash, OS images, key "
+                 "provider, TCB statuses, peer ids)")  # fmt: skip
+
+
+def _write_all(out: Path, files: dict[str, bytes]) -> list[str]:
+    """Each file whole (a temporary beside it, then renamed): a reader never sees half of one."""
+    import os  # noqa: PLC0415
+
+    for relative, data in files.items():
+        path = out / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        scratch = path.with_name(f".{path.name}.tmp")
+        scratch.write_bytes(data)
+        os.replace(scratch, path)
+    return sorted(files)

@@ -66,6 +66,13 @@ def read_yaml(path: Path) -> Any:
         raise ConfigError(source, [exc.strerror or str(exc)]) from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(source, ["not UTF-8 text"]) from exc
+    return parse_yaml(text, source)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """A YAML (or JSON) document from text; ``source`` names it in the problem."""
+    if len(text) > MAX_CONFIG_LEN:
+        raise ConfigError(source, [f"larger than {MAX_CONFIG_LEN} characters"])
     try:
         return yaml.safe_load(text)
     except RecursionError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -11,10 +12,11 @@ import click
 from teemesh.attest.dcap import CollateralStore
 from teemesh.cli._options import agent_option, collateral_option, names_option
 from teemesh.cli._output import fail, stderr, stdout, table
-from teemesh.coordinator.policy import load_cluster_policy
-from teemesh.errors import MeshError
+from teemesh.coordinator.policy import ClusterPolicy, load_cluster_policy, parse_cluster_policy
+from teemesh.errors import InputError, MeshError
 
 if TYPE_CHECKING:
+    from teemesh.coordinator.http_admin import AdminAuth
     from teemesh.identity.storeca import StoreName
 
 
@@ -23,8 +25,15 @@ if TYPE_CHECKING:
     "--policy",
     "policy_path",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    required=True,
     help="Cluster policy: cluster name, tee, platform_key, and one attestation policy per group.",
+)
+@click.option(
+    "--policy-env",
+    metavar="NAME",
+    help="Take the cluster policy (JSON or YAML text, platform_key as PEM) from the environment "
+    "variable NAME instead of --policy, as on dstack, where it is the app's encrypted env. A "
+    "reload (SIGHUP, admin API) re-reads the same text: a process's environment does not "
+    "change, so a new policy there takes a restart.",
 )
 @click.option("--listen", default="127.0.0.1:8443", show_default=True, help="HOST:PORT (TLS).")
 @click.option(
@@ -55,16 +64,24 @@ if TYPE_CHECKING:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Bearer token for the admin API (default: STATE/admin.token, created owner-only).",
 )
+@click.option(
+    "--admin-token-env",
+    metavar="NAME",
+    help="Take the admin API's bearer token from the environment variable NAME instead of a "
+    "file (on dstack: the coordinators' encrypted env, which the operator also holds).",
+)
 @agent_option
 @collateral_option
 @names_option
 def coordinator(
-    policy_path: Path,
+    policy_path: Path | None,
+    policy_env: str | None,
     listen: str,
     state: Path,
     store_kind: str,
     etcd_endpoints: str,
     admin_token_file: Path | None,
+    admin_token_env: str | None,
     agent_endpoint: str | None,
     collateral: Path | None,
     names: tuple[str, ...],
@@ -72,12 +89,16 @@ def coordinator(
     """Admit attested sidecars, issue their mesh certificates (SVIDs), serve the catalog.
 
     SIGHUP (or the admin API) reloads the policy file; what the new policy no longer admits is
-    revoked at once and published on the catalog's revocation list.
+    revoked at once and published on the catalog's revocation list. The policy comes from
+    --policy FILE or --policy-env NAME (exactly one).
     """
+    if (policy_path is None) == (policy_env is None):
+        raise click.UsageError("give exactly one of --policy FILE and --policy-env NAME")
+    if admin_token_file is not None and admin_token_env is not None:
+        raise click.UsageError("give at most one of --admin-token-file and --admin-token-env")
     # Imported here: the HTTP stack costs every other teemesh command at start-up.
     from teemesh.catalog.store import Store  # noqa: PLC0415
     from teemesh.coordinator.http import create_app  # noqa: PLC0415
-    from teemesh.coordinator.http_admin import AdminAuth  # noqa: PLC0415
     from teemesh.coordinator.service import Coordinator  # noqa: PLC0415
     from teemesh.coordinator.setup import prepare  # noqa: PLC0415
     from teemesh.identity.ratls import spki_der  # noqa: PLC0415
@@ -85,10 +106,9 @@ def coordinator(
     from teemesh.platform.prpc import bind_tcp, run_app  # noqa: PLC0415
 
     try:
-        policy = load_cluster_policy(policy_path)
-        admin = AdminAuth.from_file(
-            admin_token_file or state / "admin.token", create=admin_token_file is None
-        )
+        policy_source = _policy_source(policy_path, policy_env)
+        policy = policy_source()
+        admin = _admin_auth(admin_token_file, admin_token_env, state)
         store_collateral = CollateralStore.open(collateral) if collateral else None
         sock = bind_tcp(listen)
         host = sock.getsockname()[0]
@@ -124,7 +144,7 @@ def coordinator(
     app = create_app(
         make,
         admin=admin,
-        policy_source=lambda: load_cluster_policy(policy_path),
+        policy_source=policy_source,
         reload_on_sighup=True,
         vpc_shared_key=ident.vpc_shared_key,
     )
@@ -135,13 +155,36 @@ def coordinator(
         ("groups", ", ".join(policy.groups) or "-"),
         ("mesh CA key", spki_der(ident.ca_key.public_key()).hex()[-64:]),
         ("catalog", etcd_endpoints if store_kind == "etcd" else state / "catalog.db"),
-        ("admin token", admin_token_file or state / "admin.token"),
+        ("admin token", f"${admin_token_env}" if admin_token_env
+         else admin_token_file or state / "admin.token"),
         ("mesh CA", ident.ca_file),
     ]))  # fmt: skip
     try:
         run_app(app, [sock], ident.tls)
     finally:
         sock.close()
+
+
+def _admin_auth(path: Path | None, env_name: str | None, state: Path) -> AdminAuth:
+    """The admin token from the variable, the file, or one made in STATE on first start."""
+    from teemesh.coordinator.http_admin import AdminAuth  # noqa: PLC0415
+
+    if env_name is not None:
+        return AdminAuth.from_token(os.environ.get(env_name, ""), f"${env_name}")
+    return AdminAuth.from_file(path or state / "admin.token", create=path is None)
+
+
+def _policy_source(path: Path | None, env_name: str | None) -> Callable[[], ClusterPolicy]:
+    """How the policy is (re)read: the file each time, or the variable's text read once (the
+    environment of a process does not change). A missing or empty variable fails here."""
+    if path is not None:
+        return lambda: load_cluster_policy(path)
+    assert env_name is not None
+    source = f"${env_name}"
+    text = os.environ.get(env_name, "")
+    if not text.strip():
+        raise InputError("not set or empty: it should hold the cluster policy", field=source)
+    return lambda: parse_cluster_policy(text, source)
 
 
 @click.command("store-member", context_settings={"ignore_unknown_options": True})

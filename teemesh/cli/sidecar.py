@@ -9,7 +9,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -35,6 +35,23 @@ def sidecar() -> None:
     """The per-CVM sidecar: route names, attested mTLS tunnels, health and roles."""
 
 
+state_option = click.option(
+    "--state",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_STATE,
+    show_default=True,
+    help="Folder for the hosts file of route names and the run file (sidecar-run.json).",
+)
+hosts_file_option = click.option(
+    "--hosts-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write '<vip> <route>' lines (default: STATE/hosts); /etc/hosts works too.",
+)
+log_level_option = click.option(
+    "--log-level", type=click.Choice(["debug", "info", "warning"]), default="info"
+)
+
+
 @sidecar.command("run")
 @click.option(
     "--config",
@@ -43,19 +60,9 @@ def sidecar() -> None:
     required=True,
     help="Sidecar configuration (identity, coordinators, backends, routes).",
 )
-@click.option(
-    "--state",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=DEFAULT_STATE,
-    show_default=True,
-    help="Folder for the hosts file of route names and the run file (sidecar-run.json).",
-)
-@click.option(
-    "--hosts-file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Where to write '<vip> <route>' lines (default: STATE/hosts); /etc/hosts works too.",
-)
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info")
+@state_option
+@hosts_file_option
+@log_level_option
 @agent_option
 @collateral_option
 def run(
@@ -71,6 +78,71 @@ def run(
     The configuration is checked here; then this process becomes the lean sidecar process
     (``python -m teemesh.sidecar``), keeping its PID, so signals reach the sidecar itself.
     """
+    _launch(config_path, state, hosts_file, log_level, agent_endpoint, collateral)
+
+
+@sidecar.command("dstack")
+@state_option
+@hosts_file_option
+@log_level_option
+@agent_option
+@collateral_option
+def dstack(
+    state: Path,
+    hosts_file: Path | None,
+    log_level: str,
+    agent_endpoint: str | None,
+    collateral: Path | None,
+) -> None:
+    """Run as ``sidecar run`` does, configured by this CVM's measured app-compose.
+
+    The guest agent's Info gives the app-compose this CVM was measured by; its ``teemesh``
+    section (written by ``teemesh render``) is the app's sidecar configuration, completed by the
+    replica's environment: TEEMESH_PEER_ID, TEEMESH_ADDRESS, TEEMESH_COORDINATORS (URLs,
+    comma-separated), TEEMESH_PLATFORM_KEY (tee: simulated), TEEMESH_VIA_GATEWAY (transport:
+    gateway) and, in the gateway app, TEEMESH_GATEWAY_CERT and TEEMESH_GATEWAY_KEY (PEM, written
+    to STATE owner-only). The completed configuration is written to STATE/sidecar.yaml.
+    """
+    from teemesh.fsutil import write_private  # noqa: PLC0415
+    from teemesh.platform.agent_client import AgentClient  # noqa: PLC0415
+    from teemesh.sidecar import dstack as measured  # noqa: PLC0415
+
+    try:
+        state = state.resolve()
+        try:
+            with AgentClient(agent_endpoint) as agent:
+                info = agent.info()
+        except MeshError as exc:
+            fail(f"cannot read this CVM's app-compose from its guest agent: {exc}")
+        section, digest = measured.measured_section(info)
+        tls = {name: os.environ.get(name, "").strip()
+               for name in (measured.ENV_GATEWAY_CERT, measured.ENV_GATEWAY_KEY)}  # fmt: skip
+        files = (state / "gateway-tls.pem", state / "gateway-tls.key")
+        gateway_files = (str(files[0]), str(files[1])) if all(tls.values()) else None
+        config = measured.dstack_sidecar_config(
+            section, digest, os.environ, gateway_files=gateway_files
+        )
+        if "gateway" in config:
+            for path, pem in zip(files, tls.values(), strict=True):
+                write_private(path, measured.pem_from_env(pem).encode())
+        config_path = state / "sidecar.yaml"
+        write_private(config_path, json.dumps(config, indent=2).encode())  # JSON is YAML
+    except MeshError as exc:
+        fail(exc)
+    except OSError as exc:
+        fail(f"cannot write the sidecar's configuration in {state}: {exc}")
+    _launch(config_path, state, hosts_file, log_level, agent_endpoint, collateral)
+
+
+def _launch(
+    config_path: Path,
+    state: Path,
+    hosts_file: Path | None,
+    log_level: str,
+    agent_endpoint: str | None,
+    collateral: Path | None,
+) -> NoReturn:
+    """Check the configuration file, write the run file, and become the sidecar process."""
     import logging  # noqa: PLC0415
 
     from teemesh.sidecar.config import load_sidecar_config  # noqa: PLC0415

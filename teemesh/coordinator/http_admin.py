@@ -49,11 +49,18 @@ class AdminAuth:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_private(path, (secrets.token_urlsafe(32) + "\n").encode())
         try:
-            token = path.read_text().strip()
+            token = path.read_text()
         except (OSError, UnicodeDecodeError) as exc:
             raise InputError(f"cannot read the admin token: {exc}", field=str(path)) from exc
+        return cls.from_token(token, str(path))
+
+    @classmethod
+    def from_token(cls, token: str, source: str) -> AdminAuth:
+        """``token`` itself (from ``source``, which names it in a problem): only its digest is
+        kept."""
+        token = token.strip()
         if len(token) < MIN_TOKEN_LEN:
-            raise InputError(f"an admin token needs {MIN_TOKEN_LEN}+ characters", field=str(path))
+            raise InputError(f"an admin token needs {MIN_TOKEN_LEN}+ characters", field=source)
         return cls(hashlib.sha256(token.encode()).digest())
 
     def check(self, request: Request) -> None:

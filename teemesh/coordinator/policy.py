@@ -29,7 +29,7 @@ from teemesh.attest.policy import (
     with_platform_key,
 )
 from teemesh.checks import Label
-from teemesh.config import ConfigError, Frozen, parse_model, read_yaml
+from teemesh.config import ConfigError, Frozen, parse_model, parse_yaml, read_yaml
 from teemesh.coordinator.vpc import app_allowed, parse_allowed_apps
 
 
@@ -103,7 +103,24 @@ class ClusterPolicy(Frozen):
 
 def load_cluster_policy(path: Path) -> ClusterPolicy:
     """Read a cluster policy; ``platform_key`` may be PEM text or a path next to the file."""
-    doc = read_yaml(path)
+    return _cluster_policy(read_yaml(path), str(path), path)
+
+
+def parse_cluster_policy(text: str, source: str) -> ClusterPolicy:
+    """A cluster policy from its text (JSON or YAML), as ``load_cluster_policy`` reads a file;
+    ``source`` names it in every problem (``$TEEMESH_CLUSTER_POLICY``). With no file to be
+    next to, ``platform_key`` must be the PEM text itself."""
+    return _cluster_policy(parse_yaml(text, source), source, None)
+
+
+def _cluster_policy(doc: Any, source: str, path: Path | None) -> ClusterPolicy:
     if not isinstance(doc, dict):
-        raise ConfigError(str(path), ["(top level): expected a mapping with cluster and groups"])
-    return parse_model(ClusterPolicy, with_platform_key(doc, path), source=str(path))
+        raise ConfigError(source, ["(top level): expected a mapping with cluster and groups"])
+    if path is not None:
+        doc = with_platform_key(doc, path)
+    else:
+        key = doc.get("platform_key")
+        if isinstance(key, str) and key and not key.lstrip().startswith("-----BEGIN"):
+            raise ConfigError(source, ["platform_key: expected PEM text (there is no file here "
+                                       "for a key path to be next to)"])  # fmt: skip
+    return parse_model(ClusterPolicy, doc, source=source)

@@ -82,13 +82,27 @@ def _exit_on_signal(signum: int, _frame: object) -> None:
 @click.option(
     "--keep-on-failure", is_flag=True, help="Leave what was made when starting fails midway."
 )
+@click.option(
+    "--rendered",
+    "rendered",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Run what `teemesh render SPEC --out DIR` wrote: each app's CVMs are measured by "
+    "DIR/<app>/app-compose.json, the coordinators admit by DIR/cluster-policy.json.",
+)
 def up(
-    spec_path: Path, state_dir: Path | None, as_json: bool, timeout: float, keep_on_failure: bool
+    spec_path: Path,
+    state_dir: Path | None,
+    as_json: bool,
+    timeout: float,
+    keep_on_failure: bool,
+    rendered: Path | None,
 ) -> None:
     """Bring up the cluster SPEC: a network namespace per CVM, its agent, sidecar and command.
 
     Returns once every CVM is admitted and every backend healthy; otherwise says which CVM is
-    not ready and why, and leaves the cluster up for `teemesh status` and `teemesh logs`."""
+    not ready and why, and leaves the cluster up for `teemesh status` and `teemesh logs`.
+    With --rendered DIR, the CVMs run the very files render wrote for upload (the KMS, the
+    sidecars' configurations and pins still come from SPEC)."""
     from teemesh.platform import local  # noqa: PLC0415
 
     state = state_dir or local.default_state_dir(spec_path)
@@ -96,6 +110,11 @@ def up(
 
     def progress(line: str) -> None:
         stderr.print(f"[dim]{time.monotonic() - started:5.1f}s[/dim] {line}")
+
+    def warn(line: str) -> None:
+        from rich.text import Text  # noqa: PLC0415
+
+        stderr.print(Text("warning: ", style="bold yellow") + Text(line))  # paths, not markup
 
     # SIGTERM midway tears down what was made, as Ctrl-C does (up catches any exception)
     previous = signal.signal(signal.SIGTERM, _exit_on_signal)
@@ -107,6 +126,8 @@ def up(
                 progress=progress,
                 timeout=timeout,
                 keep_on_failure=keep_on_failure,
+                rendered=rendered,
+                warn=warn,
             )
     except ConfigError as exc:
         fail(f"{exc.source}: {len(exc.problems)} problem(s):\n" + _listing(exc.problems))

@@ -29,7 +29,8 @@ from typing import Any
 
 from teemesh.attest.simulated import PlatformKey
 from teemesh.checks import split_host_port
-from teemesh.config import ConfigError
+from teemesh.config import ConfigError, parse_model
+from teemesh.coordinator.policy import ClusterPolicy
 from teemesh.errors import InputError, InternalError, MeshError
 from teemesh.fsutil import write_private
 from teemesh.identity.certs import local_web_pki
@@ -39,15 +40,21 @@ from teemesh.platform.local_plan import (
     CvmLaunch,
     Launch,
     ProcessSpec,
+    RenderedApps,
+    admission_policy,
     agent_socket,
+    app_of,
+    cvm_dir,
     gateway_ca_file,
     gateway_tls_files,
     launch,
     launch_files,
     not_ready,
+    rendered_drift,
     unsupported,
 )
 from teemesh.spec import Plan, load_spec, plan_cluster
+from teemesh.spec.deploy import POLICY_FILE
 
 START_TIMEOUT = 30.0
 """How long one stage's processes get to show they are ready."""
@@ -109,9 +116,16 @@ def up(
     progress: Progress,
     timeout: float = READY_TIMEOUT,
     keep_on_failure: bool = False,
+    rendered: Path | None = None,
+    warn: Progress | None = None,
 ) -> Launch:
-    """Bring the cluster up and wait until it is ready (:class:`NotReady` leaves it up)."""
+    """Bring the cluster up and wait until it is ready (:class:`NotReady` leaves it up).
+
+    ``rendered``: a ``teemesh render`` folder whose app-compose bytes and policy the CVMs run
+    (see :func:`read_rendered`); ``warn`` hears of each app whose bytes the spec no longer
+    renders."""
     netns.check_privileges()
+    shown_spec, shown_rendered = spec_path, rendered
     spec_path = spec_path.absolute()
     state_dir = state_dir.absolute()
     plan = plan_cluster(load_spec(spec_path))
@@ -123,12 +137,24 @@ def up(
             f"{state_dir} already holds a cluster: `teemesh down --state {state_dir}` first",
             field="state",
         )
+    platform = PlatformKey.generate()
+    pub = platform.public_pem()
+    apps = None
+    if rendered is not None:
+        rendered = rendered.absolute()
+        apps = read_rendered(rendered, plan, pub.decode())
+        for app in rendered_drift(plan, apps):
+            (warn or progress)(
+                f"{app}: {shown_rendered}/{app}/app-compose.json differs from what "
+                f"{shown_spec} renders; its CVMs are measured with {shown_rendered}'s bytes"
+            )
     _fresh_state_dir(state_dir)
     coordinators = plan.spec.coordinators
     etcd = etcd_command() if coordinators.store == "etcd" or coordinators.dcs else "etcd"
     record = launch(
-        plan, state_dir, spec_path, teemesh_command(), secrets.token_bytes(16), etcd=etcd
-    )
+        plan, state_dir, spec_path, teemesh_command(), secrets.token_bytes(16), etcd=etcd,
+        rendered=rendered,
+    )  # fmt: skip
     prefix = ipaddress.IPv4Network(plan.spec.network).prefixlen
     netns.create(
         state_dir,
@@ -138,12 +164,10 @@ def up(
     )
     progress(f"network: bridge and {len(plan.cvms)} CVMs")
     try:
-        platform = PlatformKey.generate()
         write_private(state_dir / "platform.key", platform.private_pem())
-        pub = platform.public_pem()
         (state_dir / "platform.pub").write_bytes(pub)
         _gateway_certificate(plan, state_dir)
-        for path, (data, secret) in launch_files(plan, state_dir, pub.decode()).items():
+        for path, (data, secret) in launch_files(plan, state_dir, pub.decode(), apps).items():
             netns.private_dir(path.parent)
             if secret:
                 write_private(path, data)
@@ -163,6 +187,53 @@ def up(
         raise
     wait_ready(record, timeout=timeout, progress=progress)
     return record
+
+
+def read_rendered(folder: Path, plan: Plan, platform_pub: str) -> RenderedApps:
+    """What ``teemesh render`` wrote into ``folder`` for ``plan``'s cluster: each app's
+    app-compose.json bytes as they are (apps without a folder there run the spec's), and its
+    cluster-policy.json, checked as the coordinators will load it with ``platform_pub`` set, so
+    a bad one stops ``up`` before anything starts."""
+    if not folder.is_dir():
+        raise InputError("no such folder (write it with `teemesh render SPEC --out DIR`)",
+                         field=str(folder))  # fmt: skip
+    composes = {}
+    for app in dict.fromkeys(a for c in plan.cvms if (a := app_of(c.role, c.group))):
+        data = _rendered_compose(folder, app)
+        if data is not None:
+            composes[app] = data
+    policy = _rendered_policy(folder / POLICY_FILE, plan, platform_pub)
+    return RenderedApps(str(folder), composes, policy)
+
+
+def _rendered_compose(folder: Path, app: str) -> bytes | None:
+    """``<folder>/<app>/app-compose.json``'s bytes; None when the app has no folder there."""
+    if not (folder / app).is_dir():
+        return None
+    path = folder / app / "app-compose.json"
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read it: {exc.strerror or exc}", field=str(path)) from exc
+
+
+def _rendered_policy(path: Path, plan: Plan, platform_pub: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise ConfigError(str(path), ["missing: `teemesh render` writes it"]) from None
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read it: {exc.strerror or exc}"]) from exc
+    except ValueError as exc:  # not UTF-8 or not JSON
+        raise ConfigError(str(path), [f"not JSON: {exc}"]) from exc
+    if not isinstance(doc, dict):
+        raise ConfigError(str(path), ["(top level): expected the cluster policy object"])
+    if doc.get("cluster") != plan.cluster:
+        raise ConfigError(str(path), [f"cluster: {doc.get('cluster')!r}, but the spec is cluster "
+                                      f"{plan.cluster!r}: render this spec into it"])  # fmt: skip
+    parse_model(ClusterPolicy, admission_policy(plan, platform_pub, RenderedApps("", {}, doc)),
+                source=str(path))  # fmt: skip
+    return doc
 
 
 def _gateway_certificate(plan: Plan, state_dir: Path) -> None:
@@ -351,7 +422,13 @@ def restart(state_dir: Path, cvm: str) -> None:
     """Kill every process of ``cvm``, then start them again as ``up`` did, stage by stage."""
     record = load_launch(state_dir)
     target = record.cvm(cvm)
+    app = app_of(target.role, target.group)
+    data = None
+    if record.rendered is not None and app is not None:  # its bytes as the folder holds them now
+        data = _rendered_compose(Path(record.rendered), app)
     vmm.kill(state_dir, cvm)
+    if data is not None:
+        (cvm_dir(state_dir, cvm) / "app-compose.json").write_bytes(data)
     for process in sorted(target.processes, key=lambda p: p.stage):
         _start(state_dir, [(target, process)])
 

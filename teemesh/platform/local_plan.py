@@ -10,6 +10,8 @@ what shows it is ready.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +22,7 @@ from teemesh.attest.dstack import compose_hash
 from teemesh.checks import split_host_port
 from teemesh.errors import InputError
 from teemesh.spec import (
+    AppComposes,
     Cvm,
     Plan,
     PlannedRoute,
@@ -27,7 +30,6 @@ from teemesh.spec import (
     command_env,
     coordinator_attest_policy,
     gateway_settings,
-    group_app_compose,
     os_image_hashes,
     public_endpoints,
     runs_sidecar,
@@ -85,6 +87,9 @@ class Launch(BaseModel):
     """Route name -> how many CVMs serve it when the whole cluster is up."""
     public: tuple[str, ...] = ()
     """The gateway's URLs for the public backends, as published on this machine."""
+    rendered: str | None = None
+    """The ``teemesh render`` folder the CVMs run (``up --rendered``): ``restart`` measures its
+    bytes again, as ``up`` did."""
 
     def cvm(self, name: str) -> CvmLaunch:
         for cvm in self.cvms:
@@ -92,6 +97,61 @@ class Launch(BaseModel):
                 return cvm
         known = ", ".join(c.name for c in self.cvms)
         raise InputError(f"cluster {self.cluster} has no CVM {name!r}; its CVMs: {known}")
+
+
+@dataclass(frozen=True)
+class RenderedApps:
+    """What ``teemesh render`` wrote into ``folder``, run as it is: the user checks locally the
+    very files they upload. ``app_composes``: app name -> its app-compose.json bytes (only the
+    apps with a folder there); ``policy``: its cluster-policy.json, which cannot hold the local
+    platform key (``launch_files`` adds it)."""
+
+    folder: str
+    app_composes: Mapping[str, bytes]
+    policy: Mapping[str, Any]
+
+
+def app_of(role: str, group: str) -> str | None:
+    """The rendered app a CVM belongs to (its folder's name), or None for the KMS: dstack runs
+    its own KMS, so render writes none."""
+    if role == "kms":
+        return None
+    return group if role == "workload" else role
+
+
+def app_compose(composes: AppComposes, cvm: Cvm, rendered: RenderedApps | None = None) -> bytes:
+    """The bytes ``cvm`` is measured by: its app's rendered bytes when there are some, else
+    what the spec renders."""
+    app = app_of(cvm.role, cvm.group)
+    if rendered is not None and app is not None and app in rendered.app_composes:
+        return rendered.app_composes[app]
+    if cvm.role == "workload":
+        return composes.group(cvm.group)
+    return composes.system(cvm.role)
+
+
+def admission_policy(
+    plan: Plan, platform_pub: str, rendered: RenderedApps | None = None
+) -> dict[str, Any]:
+    """The coordinators' cluster policy: the rendered one (with this cluster's platform key,
+    which render cannot know), else the spec's."""
+    if rendered is None:
+        return cluster_policy(plan, platform_pub)
+    rest = {k: v for k, v in rendered.policy.items() if k != "platform_key"}
+    head = {k: rest.pop(k) for k in ("cluster", "tee") if k in rest}
+    return head | {"platform_key": platform_pub} | rest  # where cluster_policy puts it
+
+
+def rendered_drift(plan: Plan, rendered: RenderedApps) -> list[str]:
+    """The rendered apps whose bytes differ from what the spec renders now (edited, or rendered
+    from another version of the spec): their CVMs are measured with the rendered bytes."""
+    apps = {app_of(c.role, c.group): c for c in plan.cvms}
+    composes = AppComposes(plan)
+    return [
+        app
+        for app, data in rendered.app_composes.items()
+        if app in apps and data != app_compose(composes, apps[app])
+    ]
 
 
 def cvm_dir(state_dir: Path, cvm: str) -> Path:
@@ -113,11 +173,16 @@ def unsupported(plan: Plan) -> list[str]:
     return problems
 
 
-def launch_files(plan: Plan, state_dir: Path, platform_pub: str) -> dict[Path, tuple[bytes, bool]]:
-    """Every file ``up`` writes before starting anything: path -> (bytes, secret)."""
+def launch_files(
+    plan: Plan, state_dir: Path, platform_pub: str, rendered: RenderedApps | None = None
+) -> dict[Path, tuple[bytes, bool]]:
+    """Every file ``up`` writes before starting anything: path -> (bytes, secret). With
+    ``rendered``, its apps' CVMs are measured by its bytes and the coordinators admit by its
+    policy; the rest (the KMS, sidecar configurations, pins) comes from the plan."""
     spec = plan.spec
+    policy = admission_policy(plan, platform_pub, rendered)
     files: dict[Path, tuple[bytes, bool]] = {
-        state_dir / "cluster-policy.yaml": (_yaml(cluster_policy(plan, platform_pub)), False),
+        state_dir / "cluster-policy.yaml": (_yaml(policy), False),
         state_dir / "kms-policy.yaml": (
             _yaml({"tee": spec.tee, "platform_key": platform_pub}),
             False,
@@ -127,9 +192,10 @@ def launch_files(plan: Plan, state_dir: Path, platform_pub: str) -> dict[Path, t
     pin = coordinator_attest_policy(plan, platform_pub)
     if spec.gateway is not None:
         files[txt_records_file(state_dir)] = (TXT_RECORDS_HELP, False)
+    composes = AppComposes(plan)
     for cvm in plan.cvms:
         folder = cvm_dir(state_dir, cvm.name)
-        files[folder / "app-compose.json"] = (_compose(plan, cvm), False)
+        files[folder / "app-compose.json"] = (app_compose(composes, cvm, rendered), False)
         if runs_sidecar(spec, cvm.role):
             gateway = None
             if cvm.role == "gateway":
@@ -137,7 +203,8 @@ def launch_files(plan: Plan, state_dir: Path, platform_pub: str) -> dict[Path, t
                 txt = str(txt_records_file(state_dir))
                 gateway = gateway_settings(plan, certificate=str(cert), key=str(key),
                                            txt_records=txt)  # fmt: skip
-            config = sidecar_config(plan, cvm, plan.coordinator_urls(), pin, gateway=gateway)
+            config = sidecar_config(plan, cvm, plan.coordinator_urls(), pin, gateway=gateway,
+                                    composes=composes)  # fmt: skip
             files[folder / "sidecar.yaml"] = (_yaml(config), True)
     return files
 
@@ -172,11 +239,13 @@ def launch(
     seed: bytes,
     *,
     etcd: str = "etcd",
+    rendered: Path | None = None,
 ) -> Launch:
     """Every CVM's processes, in stages; ``teemesh`` is the command that runs the roles, and
     ``seed`` (random per ``up``) gives each CVM an instance id it keeps across restarts, as a
     rebooted CVM does: the coordinator re-admits its peer id only for the same instance.
-    ``etcd`` is the etcd binary the coordinators' members run (``store: etcd``)."""
+    ``etcd`` is the etcd binary the coordinators' members run (``store: etcd``); ``rendered``
+    the render folder its CVMs run, recorded for ``restart``."""
     spec = plan.spec
     cvms = []
     for cvm in plan.cvms:
@@ -249,6 +318,7 @@ def launch(
         hosts={r.name: r.vip for r in plan.routes},
         instances={r.name: _expected_instances(plan, r) for r in plan.routes},
         public=tuple(_public_urls(plan)),
+        rendered=None if rendered is None else str(rendered),
     )
 
 
@@ -403,12 +473,6 @@ def _workload(
             )
         )
     return processes
-
-
-def _compose(plan: Plan, cvm: Cvm) -> bytes:
-    if cvm.role == "workload":
-        return group_app_compose(plan.spec, cvm.group)
-    return system_app_compose(plan.spec, cvm.role)
 
 
 def _kms_pin(plan: Plan, platform_pub: str) -> dict[str, Any]:

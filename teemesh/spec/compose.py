@@ -13,9 +13,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import yaml
-
-from teemesh.errors import InputError
 from teemesh.sidecar.dstack import (
     ENV_ADDRESS,
     ENV_GATEWAY_CERT,
@@ -25,6 +22,7 @@ from teemesh.sidecar.dstack import (
     ENV_VIA_GATEWAY,
     REPLICA_ENV,
 )
+from teemesh.spec.goyaml import dump_compose_yaml, load_compose_yaml
 from teemesh.spec.model import (
     DCS_PEER_PORT,
     ETCD_CLIENT_PORT,
@@ -32,13 +30,17 @@ from teemesh.spec.model import (
     ETCD_PEER_PORT,
     ClusterSpec,
 )
+from teemesh.spec.user_compose import (
+    APP,
+    SIDECAR,
+    VOLUME,
+    read_user_compose,
+    wire_service,
+)
 
 DSTACK_SOCKET = "/var/run/dstack.sock"
 """Where dstack's guest agent listens in the CVM, and in the containers that mount it."""
 STATE = "/var/lib/teemesh"
-SIDECAR = "teemesh-sidecar"
-VOLUME = "teemesh-state"
-APP = "app"
 ENV_POLICY = "TEEMESH_CLUSTER_POLICY"
 """The coordinator app: the cluster policy document (JSON), as ``teemesh render`` wrote it."""
 ENV_ADMIN_TOKEN = "TEEMESH_ADMIN_TOKEN"  # noqa: S105 (the variable's name, not a token)
@@ -49,25 +51,17 @@ ENV_DCS_CLUSTER = "TEEMESH_DCS_CLUSTER"
 """etcd's ``--initial-cluster`` of the catalog and of the DCS: ``<peer id>=https://<addr>:<port>,...``."""
 _REFERENCE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)|\$([A-Za-z_][A-Za-z0-9_]*)")
 PINNED = re.compile(r"[^@\s]+@sha256:[0-9a-f]{64}")
-_UNSUPPORTED = {
-    "build": "dstack builds no image: give an image, pinned by digest",
-    "ports": "every container runs in the CVM's network (network_mode: host): its ports are "
-    "the ports it listens on; remove ports",
-    "networks": "every container runs in the CVM's network (network_mode: host); remove networks",
-}
 
 
 def compose_yaml(doc: dict[str, Any]) -> str:
-    """One text per document: block style, keys in the order given, no line folding."""
-    return yaml.safe_dump(
-        doc, sort_keys=False, default_flow_style=False, allow_unicode=True, width=1 << 30
-    )
+    """One text per document, which compose reads as ``doc`` (``goyaml``)."""
+    return dump_compose_yaml(doc)
 
 
 def unpinned_images(text: str) -> list[tuple[str, str]]:
     """(service, image) for every image of a rendered compose that is not pinned by digest (a
     tag can be moved to other code; a digest cannot)."""
-    doc = yaml.safe_load(text) or {}
+    doc = load_compose_yaml(text) or {}
     return [
         (name, str(service.get("image")))
         for name, service in (doc.get("services") or {}).items()
@@ -116,16 +110,11 @@ def workload_compose(spec: ClusterSpec, group: str, hosts: dict[str, str]) -> st
             "volumes": [f"{DSTACK_SOCKET}:{DSTACK_SOCKET}"],
             "extra_hosts": extra_hosts,
         }
-    user = _user_compose(spec, group)
+    user = read_user_compose(spec.compose_text(group), group)
     for name, service in (user.get("services") or {}).items():
-        if name in (SIDECAR, APP):  # reserved even when unused: adding a command moves nothing
-            raise InputError(f"the service name {name!r} is teemesh's", field=_where(group, name))
-        services[name] = _wired(service, group, name, extra_hosts)
+        services[name] = wire_service(service, group, name, extra_hosts)
     doc: dict[str, Any] = {"services": services}
     volumes = user.get("volumes") or {}
-    if VOLUME in volumes:
-        raise InputError(f"volumes: the name {VOLUME!r} is teemesh's",
-                         field=f"workload_groups.{group}.compose")  # fmt: skip
     doc["volumes"] = {VOLUME: {}} | volumes
     for key, value in user.items():  # the rest of the user's file, as written
         if key not in ("services", "volumes", "version"):
@@ -138,7 +127,8 @@ def coordinator_compose(spec: ClusterSpec) -> str:
     and with a DCS the DCS member and the sidecar that serves it."""
     state = f"{STATE}/coordinator"
     argv = [
-        "coordinator", "--policy-env", ENV_POLICY, "--admin-token-env", ENV_ADMIN_TOKEN,
+        "coordinator", "--policy-env", ENV_POLICY, *_policy_signature(spec),
+        "--admin-token-env", ENV_ADMIN_TOKEN,
         "--listen", f"0.0.0.0:{spec.coordinators.port}", "--state", state,
         "--agent", DSTACK_SOCKET,
         "--name", _required(ENV_ADDRESS), "--name", _required(ENV_PEER_ID),
@@ -226,57 +216,14 @@ def _teemesh_service(spec: ClusterSpec, argv: list[str], env: list[str]) -> dict
     }
 
 
-def _user_compose(spec: ClusterSpec, group: str) -> dict[str, Any]:
-    text = spec.compose_text(group)
-    if text is None:
-        return {}
-    where = f"workload_groups.{group}.compose"
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise InputError(f"not YAML: {exc}", field=where) from exc
-    if doc is None:
-        return {}
-    if not isinstance(doc, dict) or not isinstance(doc.get("services") or {}, dict):
-        raise InputError("expected a compose file (a mapping with services)", field=where)
-    if not isinstance(doc.get("volumes") or {}, dict):
-        raise InputError("volumes: expected a mapping", field=where)
-    return doc
-
-
-def _wired(service: Any, group: str, name: str, extra_hosts: list[str]) -> dict[str, Any]:
-    """A user's service in the CVM's network, with the route names."""
-    where = _where(group, name)
-    if not isinstance(service, dict):
-        raise InputError("expected a mapping", field=where)
-    problems = [f"{key}: {why}" for key, why in _UNSUPPORTED.items() if key in service]
-    mode = service.get("network_mode", "host")
-    if mode != "host":
-        problems.append(f"network_mode: {mode!r}; every container runs in the CVM's network")
-    if not isinstance(service.get("image"), str):
-        problems.append("image: missing (dstack pulls images, pinned by digest)")
-    given = service.get("extra_hosts") or []
-    if isinstance(given, dict):
-        given = [f"{host}:{address}" for host, address in given.items()]
-    if not isinstance(given, list):
-        problems.append("extra_hosts: expected a list or a mapping")
-    if problems:
-        raise InputError("; ".join(problems), field=where)
-    out = dict(service) | {"network_mode": "host", "extra_hosts": [*given, *extra_hosts]}
-    depends = out.get("depends_on")
-    if depends is None:
-        out["depends_on"] = [SIDECAR]
-    elif isinstance(depends, list):
-        out["depends_on"] = [*depends, SIDECAR]
-    elif isinstance(depends, dict):
-        out["depends_on"] = depends | {SIDECAR: {"condition": "service_started"}}
-    return out
-
-
-def _where(group: str, service: str) -> str:
-    return f"workload_groups.{group}.compose: services.{service}"
-
-
 def _escape(arg: str) -> str:
     """Compose reads ``$`` in any value as interpolation: ``$$`` keeps it for the command."""
     return arg.replace("$", "$$")
+
+
+def _policy_signature(spec: ClusterSpec) -> list[str]:
+    """The coordinators take their policy from the env, which the host can replace: in the
+    measured command, the key whose signature it must carry (only a simulated cluster may go
+    without, and ``render`` refuses that for TDX)."""
+    signer = spec.coordinators.policy_signer
+    return ["--unsigned-policy"] if signer is None else ["--policy-signer", signer]

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, NamedTuple
 from pydantic import AfterValidator, Field, PrivateAttr, StrictInt, field_validator
 
 from teemesh import __version__
-from teemesh.attest.policy import Hex32, TcbStatus
+from teemesh.attest.policy import Hex32, HexBytes, TcbStatus
 from teemesh.checks import Domain, HostPort, Label, LoopbackHostPort, Port
 from teemesh.config import Frozen
 from teemesh.sidecar.config import HealthCheck
@@ -61,13 +61,6 @@ def _vip(value: str) -> str:
     return str(address)
 
 
-def _hex_id(value: str) -> str:
-    text = value.lower().removeprefix("0x")
-    if not text or len(text) % 2 or not re.fullmatch(r"[0-9a-f]+", text) or len(text) > 1024:
-        raise ValueError(f"{value!r} is not hex bytes (a DER SubjectPublicKeyInfo, hex)")
-    return text
-
-
 def _network(value: str) -> str:
     try:
         net = ipaddress.IPv4Network(value)
@@ -82,9 +75,12 @@ def _network(value: str) -> str:
 
 def _image_reference(value: str) -> str:
     """A container image reference: no spaces or control characters (it is written into YAML
-    and read by compose); whether it is pinned is ``render``'s question."""
+    and read by compose); whether it is pinned is ``render``'s question. No ``$``: compose
+    would fill it in from the environment, which is not measured, and so choose the code."""
     if not value or len(value) > 512 or any(c.isspace() or not c.isprintable() for c in value):
         raise ValueError(f"{value!r} is not an image reference (like name@sha256:<digest>)")
+    if "$" in value:
+        raise ValueError(f"{value!r} refers to the environment ($), which is not measured")
     return value
 
 
@@ -150,6 +146,9 @@ class Coordinators(Frozen):
     port: Port = 8443
     dcs: Dcs | None = None
     vpc: Vpc | None = None
+    policy_signer: Hex32 | None = None
+    """On dstack (``teemesh render``): the Ed25519 public key (raw, hex) whose signature the
+    coordinators' policy must carry (``teemesh policy keygen``/``sign``); required for TDX."""
 
 
 class ClientProxySpec(Frozen):
@@ -192,7 +191,7 @@ class Kms(Frozen):
     count: int = Field(1, ge=0, le=5)
     """0: the CVMs' keys come from their own agent (dstack's key provider ``none``)."""
     port: Port = 8011
-    key_provider_id: Annotated[str, AfterValidator(_hex_id)] | None = None
+    key_provider_id: HexBytes | None = None
     """The KMS the CVMs must take their keys from: its root CA's SubjectPublicKeyInfo (DER, hex),
     as dstack measures it. Required by ``teemesh render`` for ``tee: tdx``; the local KMS makes
     a new root each ``up``, so a simulated cluster pins the provider's kind only."""

@@ -74,11 +74,12 @@ def _hex(size: int | None = None, max_size: int | None = None) -> AfterValidator
 
 Hex20 = Annotated[str, _hex(20)]
 Hex32 = Annotated[str, _hex(32)]
+HexBytes = Annotated[str, _hex()]
 
 
 class KeyProviderRule(Frozen):
     name: str
-    id: Annotated[str, _hex()] | None = None
+    id: HexBytes | None = None
     """None admits any id for this provider name."""
 
 

@@ -11,6 +11,7 @@ from teemesh.cli.attest import attest
 from teemesh.cli.coordinator import coordinator, store_member
 from teemesh.cli.kms import kms
 from teemesh.cli.local import COMMANDS as LOCAL_COMMANDS
+from teemesh.cli.policy import policy
 from teemesh.cli.sidecar import sidecar
 from teemesh.cli.spec import import_hcl, plan, render, rollout
 
@@ -27,6 +28,7 @@ cli.add_command(kms)
 cli.add_command(coordinator)
 cli.add_command(store_member)
 cli.add_command(admin)
+cli.add_command(policy)
 cli.add_command(sidecar)
 cli.add_command(plan)
 cli.add_command(import_hcl)

@@ -35,6 +35,18 @@ if TYPE_CHECKING:
     "reload (SIGHUP, admin API) re-reads the same text: a process's environment does not "
     "change, so a new policy there takes a restart.",
 )
+@click.option(
+    "--policy-signer",
+    metavar="HEX",
+    help="With --policy-env: load only a policy this Ed25519 key (raw public key, hex) signed "
+    "(teemesh policy sign). On dstack it is in the measured command line, so the host, which can "
+    "replace the env, cannot replace the policy.",
+)
+@click.option(
+    "--unsigned-policy",
+    is_flag=True,
+    help="With --policy-env: take the policy unsigned (a simulated cluster's rendered compose).",
+)
 @click.option("--listen", default="127.0.0.1:8443", show_default=True, help="HOST:PORT (TLS).")
 @click.option(
     "--state",
@@ -76,6 +88,8 @@ if TYPE_CHECKING:
 def coordinator(
     policy_path: Path | None,
     policy_env: str | None,
+    policy_signer: str | None,
+    unsigned_policy: bool,
     listen: str,
     state: Path,
     store_kind: str,
@@ -92,8 +106,6 @@ def coordinator(
     revoked at once and published on the catalog's revocation list. The policy comes from
     --policy FILE or --policy-env NAME (exactly one).
     """
-    if (policy_path is None) == (policy_env is None):
-        raise click.UsageError("give exactly one of --policy FILE and --policy-env NAME")
     if admin_token_file is not None and admin_token_env is not None:
         raise click.UsageError("give at most one of --admin-token-file and --admin-token-env")
     # Imported here: the HTTP stack costs every other teemesh command at start-up.
@@ -106,7 +118,7 @@ def coordinator(
     from teemesh.platform.prpc import bind_tcp, run_app  # noqa: PLC0415
 
     try:
-        policy_source = _policy_source(policy_path, policy_env)
+        policy_source = _policy_source(policy_path, policy_env, policy_signer, unsigned_policy)
         policy = policy_source()
         admin = _admin_auth(admin_token_file, admin_token_env, state)
         store_collateral = CollateralStore.open(collateral) if collateral else None
@@ -174,9 +186,17 @@ def _admin_auth(path: Path | None, env_name: str | None, state: Path) -> AdminAu
     return AdminAuth.from_file(path or state / "admin.token", create=path is None)
 
 
-def _policy_source(path: Path | None, env_name: str | None) -> Callable[[], ClusterPolicy]:
+def _policy_source(
+    path: Path | None, env_name: str | None, signer: str | None, unsigned: bool
+) -> Callable[[], ClusterPolicy]:
     """How the policy is (re)read: the file each time, or the variable's text read once (the
-    environment of a process does not change). A missing or empty variable fails here."""
+    environment of a process does not change), signed by ``signer`` unless ``unsigned``."""
+    if (path is None) == (env_name is None):
+        raise click.UsageError("give exactly one of --policy FILE and --policy-env NAME")
+    if env_name is not None and (signer is None) == (not unsigned):
+        raise click.UsageError("--policy-env needs --policy-signer HEX (or --unsigned-policy)")
+    if env_name is None and (signer or unsigned):
+        raise click.UsageError("--policy-signer and --unsigned-policy go with --policy-env")
     if path is not None:
         return lambda: load_cluster_policy(path)
     assert env_name is not None
@@ -184,7 +204,7 @@ def _policy_source(path: Path | None, env_name: str | None) -> Callable[[], Clus
     text = os.environ.get(env_name, "")
     if not text.strip():
         raise InputError("not set or empty: it should hold the cluster policy", field=source)
-    return lambda: parse_cluster_policy(text, source)
+    return lambda: parse_cluster_policy(text, source, signer=signer)
 
 
 @click.command("store-member", context_settings={"ignore_unknown_options": True})

@@ -106,11 +106,16 @@ def load_cluster_policy(path: Path) -> ClusterPolicy:
     return _cluster_policy(read_yaml(path), str(path), path)
 
 
-def parse_cluster_policy(text: str, source: str) -> ClusterPolicy:
+def parse_cluster_policy(text: str, source: str, *, signer: str | None = None) -> ClusterPolicy:
     """A cluster policy from its text (JSON or YAML), as ``load_cluster_policy`` reads a file;
     ``source`` names it in every problem (``$TEEMESH_CLUSTER_POLICY``). With no file to be
-    next to, ``platform_key`` must be the PEM text itself."""
-    return _cluster_policy(parse_yaml(text, source), source, None)
+    next to, ``platform_key`` must be the PEM text itself. With ``signer`` (an Ed25519 public
+    key, hex) the text must be a policy that key signed (``policy_signing``)."""
+    if signer is None:
+        return _cluster_policy(parse_yaml(text, source), source, None)
+    from teemesh.coordinator.policy_signing import verified_policy  # noqa: PLC0415
+
+    return _cluster_policy(verified_policy(text, signer, source), source, None)
 
 
 def _cluster_policy(doc: Any, source: str, path: Path | None) -> ClusterPolicy:

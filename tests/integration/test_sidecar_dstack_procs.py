@@ -20,6 +20,13 @@ from meshkit import Mesh, ready
 from procs import free_port, run_teemesh, started
 from sidecarkit import WAIT, Sidecar, wait_for
 
+from teemesh.coordinator.policy_signing import (
+    load_signing_key,
+    new_signing_key,
+    sign_policy,
+    signer_hex,
+    verified_policy,
+)
 from teemesh.sidecar.dstack import (
     ENV_ADDRESS,
     ENV_COORDINATORS,
@@ -37,6 +44,7 @@ from teemesh.spec import (
 from teemesh.spec.model import ClusterSpec
 
 pytestmark = pytest.mark.integration
+SIGNING_KEY, _ = new_signing_key()
 ADMIN_TOKEN_ENV = "TEEMESH_TEST_ADMIN_TOKEN"
 ADMIN_TOKEN = "an-admin-token-of-the-operator-0123456789"
 POLICY_ENV = "TEEMESH_CLUSTER_POLICY"
@@ -79,12 +87,13 @@ def coordinator_of(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     mesh = Mesh(tmp_path)
     pem = mesh.platform.public_pem().decode()
     policy = cluster_policy(plan_cluster(spec), pem)
-    monkeypatch.setenv(POLICY_ENV, json.dumps(policy))
+    monkeypatch.setenv(POLICY_ENV, sign_policy(policy, SIGNING_KEY))
     monkeypatch.setenv(ADMIN_TOKEN_ENV, ADMIN_TOKEN)
     agent_cm, sock = mesh.agent("coordinator-agent", system_app_compose(spec, "coordinator"))
     port = free_port()
     url = f"https://127.0.0.1:{port}"
-    args = ["coordinator", "--policy-env", POLICY_ENV, "--admin-token-env", ADMIN_TOKEN_ENV,
+    args = ["coordinator", "--policy-env", POLICY_ENV, "--policy-signer", signer_hex(SIGNING_KEY),
+            "--admin-token-env", ADMIN_TOKEN_ENV,
             "--listen", f"127.0.0.1:{port}", "--state", str(tmp_path / "coordinator"),
             "--agent", str(sock)]  # fmt: skip
     with agent_cm, started(args, tmp_path / "coordinator.log", ready(url)):
@@ -133,7 +142,7 @@ def test_a_sidecar_configured_by_its_measured_app_compose_is_admitted(
             # the operator holds the admin token the coordinator took from its env
             assert admin_admissions(tmp_path, cluster.url, ADMIN_TOKEN) == ["web/web-0"]
             assert not (tmp_path / "coordinator" / "admin.token").exists()
-            with pytest.raises(AssertionError, match="401|admin token"):
+            with pytest.raises(AssertionError, match=r"401|admin token"):
                 admin_admissions(tmp_path, cluster.url, "x" * 40)
 
 
@@ -209,7 +218,16 @@ def test_an_app_compose_not_rendered_by_teemesh_fails_before_the_sidecar_starts(
     [
         ([], "give exactly one of --policy FILE and --policy-env NAME"),
         (["--policy-env", POLICY_ENV, "--policy", "cluster.yaml"], "give exactly one of"),
-        (["--policy-env", "TEEMESH_TEST_UNSET_POLICY"], "$TEEMESH_TEST_UNSET_POLICY: not set"),
+        (
+            ["--policy-env", "TEEMESH_TEST_UNSET_POLICY", "--unsigned-policy"],
+            "$TEEMESH_TEST_UNSET_POLICY: not set",
+        ),
+        (["--policy-env", POLICY_ENV], "--policy-env needs --policy-signer HEX"),
+        (
+            ["--policy-env", POLICY_ENV, "--unsigned-policy", "--policy-signer", "ab" * 32],
+            "--policy-env needs --policy-signer HEX",
+        ),
+        (["--policy", "cluster.yaml", "--unsigned-policy"], "go with --policy-env"),
     ],
 )
 def test_the_coordinator_needs_one_policy_source(
@@ -228,9 +246,56 @@ def test_a_bad_policy_in_the_environment_is_refused_naming_the_variable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(POLICY_ENV, '{"cluster": "demo", "tee": "simulated"}')
-    result = run_teemesh(["coordinator", "--policy-env", POLICY_ENV, "--state",
+    result = run_teemesh(["coordinator", "--policy-env", POLICY_ENV, "--unsigned-policy", "--state",
                           str(tmp_path / "c"), "--agent", str(tmp_path / "none.sock")],
                          tmp_path / "c.log")  # fmt: skip
     assert result.returncode != 0
     assert f"${POLICY_ENV}" in result.stderr
     assert "tee: simulated needs platform_key" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("signed_by", "problem"),
+    [
+        ("other", "signature: not made by the policy signer this coordinator was measured with"),
+        ("nobody", "expected a signed policy"),
+    ],
+)
+def test_a_policy_its_signer_did_not_sign_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signed_by: str, problem: str
+) -> None:
+    """What a host that can replace the env would try: its own policy, signed or not."""
+    spec, _, _ = spec_with_free_ports()
+    policy = cluster_policy(plan_cluster(spec), Mesh(tmp_path).platform.public_pem().decode())
+    other, _ = new_signing_key()
+    text = sign_policy(policy, other) if signed_by == "other" else json.dumps(policy)
+    monkeypatch.setenv(POLICY_ENV, text)
+    result = run_teemesh(["coordinator", "--policy-env", POLICY_ENV, "--policy-signer",
+                          signer_hex(SIGNING_KEY), "--state", str(tmp_path / "c"), "--agent",
+                          str(tmp_path / "none.sock")], tmp_path / "c.log")  # fmt: skip
+    assert result.returncode != 0
+    assert problem in " ".join(result.stderr.split())
+    assert not (tmp_path / "c").exists()  # refused before anything was made
+
+
+def test_policy_keygen_and_sign_make_what_the_coordinator_loads(tmp_path: Path) -> None:
+    key = tmp_path / "policy.key"
+    made = run_teemesh(["policy", "keygen", "--out", str(key)], tmp_path / "keygen.log")
+    assert made.returncode == 0, made.stderr
+    assert key.stat().st_mode & 0o777 == 0o600
+    signer = signer_hex(load_signing_key(key))
+    assert signer in made.stdout
+    again = run_teemesh(["policy", "keygen", "--out", str(key)], tmp_path / "again.log")
+    assert again.returncode != 0 and "not overwritten" in again.stderr
+    spec, _, _ = spec_with_free_ports()
+    policy = cluster_policy(plan_cluster(spec), "-----BEGIN PUBLIC KEY-----\nx\n")
+    (tmp_path / "policy.json").write_text(json.dumps(policy, indent=2))
+    signed = run_teemesh(["policy", "sign", str(tmp_path / "policy.json"), "--key", str(key)],
+                         tmp_path / "sign.log")  # fmt: skip
+    assert signed.returncode == 0, signed.stderr
+    assert signed.stdout.count("\n") == 1
+    assert verified_policy(signed.stdout, signer, "$P") == policy
+    (tmp_path / "bad.json").write_text('{"cluster": "demo", "groups": {"a": {"x": 1}}}')
+    refused = run_teemesh(["policy", "sign", str(tmp_path / "bad.json"), "--key", str(key)],
+                          tmp_path / "bad.log")  # fmt: skip
+    assert refused.returncode != 0 and "groups.a.x" in refused.stderr

@@ -1,0 +1,71 @@
+"""``teemesh policy``: the operator's signing key and signed cluster policies (dstack's env)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from teemesh.cli._output import fail, stdout, table
+from teemesh.errors import MeshError
+
+
+@click.group()
+def policy() -> None:
+    """Sign cluster policies for coordinators that take theirs from the environment."""
+
+
+@policy.command()
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Where to write the private key (PEM, owner-only). Keep it off the cluster.",
+)
+def keygen(out: Path) -> None:
+    """Make an Ed25519 policy signing key; print the public key for the spec's
+    coordinators.policy_signer."""
+    from teemesh.coordinator.policy_signing import new_signing_key, signer_hex  # noqa: PLC0415
+    from teemesh.fsutil import write_private  # noqa: PLC0415
+
+    if out.exists():
+        fail(f"{out}: exists; a signing key is not overwritten")
+    key, pem = new_signing_key()
+    try:
+        write_private(out, pem)
+    except OSError as exc:
+        fail(f"{out}: {exc.strerror or exc}")
+    stdout.print(table("policy signing key", [
+        ("private key", out),
+        ("policy_signer", signer_hex(key)),
+    ]))  # fmt: skip
+
+
+@policy.command()
+@click.argument("policy_path", metavar="POLICY", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--key",
+    "key_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="The signing key (teemesh policy keygen).",
+)
+def sign(policy_path: Path, key_path: Path) -> None:
+    """Print POLICY (render's cluster-policy.json, or a rollout step's) signed, on one line: the
+    value of the coordinators' TEEMESH_CLUSTER_POLICY."""
+    from teemesh.config import ConfigError, parse_model, read_yaml  # noqa: PLC0415
+    from teemesh.coordinator.policy import ClusterPolicy  # noqa: PLC0415
+    from teemesh.coordinator.policy_signing import load_signing_key, sign_policy  # noqa: PLC0415
+
+    try:
+        doc = read_yaml(policy_path)
+        if not isinstance(doc, dict):
+            raise ConfigError(str(policy_path), ["(top level): expected the cluster policy"])
+        if doc.get("tee") != "simulated" or "platform_key" in doc:  # checked as it will load
+            parse_model(ClusterPolicy, doc, source=str(policy_path))
+        signed = sign_policy(doc, load_signing_key(key_path))
+    except MeshError as exc:
+        fail(exc)
+    except UnicodeEncodeError:  # a lone surrogate, from an escape in the YAML
+        fail(f"{policy_path}: not valid Unicode text")
+    click.echo(signed)

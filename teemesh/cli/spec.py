@@ -210,6 +210,7 @@ def render(
     """Write each dstack app's docker-compose.yaml, app-compose.json and compose hash, and the
     admission policy that admits exactly those hashes (cluster-policy.json). The same spec
     gives the same bytes."""
+    from teemesh.config import ConfigError  # noqa: PLC0415
     from teemesh.spec import load_spec, plan_cluster  # noqa: PLC0415
     from teemesh.spec.deploy import render as render_apps  # noqa: PLC0415
 
@@ -219,10 +220,16 @@ def render(
         rendered = render_apps(laid_out, groups=groups, allow_unpinned=allow_unpinned_images,
                                platform_key=pem)  # fmt: skip
         written = _write_all(out, rendered.files())
+    except ConfigError as exc:  # what the spec asks for that render cannot write: name the file
+        fail(ConfigError(str(spec_path), exc.problems))
     except MeshError as exc:
         fail(exc)
     except (OSError, UnicodeDecodeError) as exc:
         fail(f"cannot write the rendered files: {exc}")
+    for stale in sorted(p.parent.name for p in out.glob("*/compose-hash")):
+        if stale not in rendered.manifest()["apps"]:
+            click.echo(f"warning: {out / stale} is no app of {spec_path} (from an earlier "
+                       "render?): do not upload it", err=True)  # fmt: skip
     manifest = rendered.manifest()
     if as_json:
         print_json(manifest | {"out": str(out), "files": written})

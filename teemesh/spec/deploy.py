@@ -138,10 +138,21 @@ def render(
         ]
         if unpinned:
             problems.append("pin them, or render with --allow-unpinned-images")
-    if spec.tee == "tdx" and spec.kms.count > 0 and spec.kms.key_provider_id is None:
+    if spec.kms.count == 0:
+        problems.append(
+            "kms.count: 0, but on dstack an app's encrypted env (each replica's peer id) and the "
+            "coordinators' one CA key come from a KMS: give the cluster one"
+        )
+    if spec.tee == "tdx" and spec.kms.key_provider_id is None:
         problems.append(
             "kms.key_provider_id: required with tee: tdx, to pin the KMS the CVMs take their "
             "keys from (its root CA's SubjectPublicKeyInfo, DER in hex)"
+        )
+    if spec.tee == "tdx" and spec.coordinators.policy_signer is None:
+        problems.append(
+            "coordinators.policy_signer: required with tee: tdx: the coordinators take their "
+            "policy from the env, which the host can replace, so only a policy signed by this "
+            "key is loaded (teemesh policy keygen)"
         )
     if problems:
         raise ConfigError(spec.cluster, problems)

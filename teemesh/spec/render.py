@@ -111,7 +111,10 @@ def _hosts(plan: Plan) -> dict[str, str]:
 
 
 def _dstack_fields(spec: ClusterSpec, name: str, compose: str, envs: list[str]) -> dict[str, Any]:
-    return {
+    """dstack's own settings. A pinned KMS goes in too: the guest then refuses, before any key
+    is used, to take its disk and env keys from another KMS (admission checks it again)."""
+    pin = {"key_provider_id": spec.kms.key_provider_id} if spec.kms.key_provider_id else {}
+    return pin | {
         "manifest_version": 2,
         "name": name,
         "runner": "docker-compose",

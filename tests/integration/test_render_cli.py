@@ -131,6 +131,12 @@ def test_hashes_match_an_independent_sha256_and_renders_are_reproducible(tmp_pat
     # rendering again over the same folder leaves the same bytes, and nothing else behind
     assert render(spec, first).returncode == 0
     assert files_of(first) == files_of(second)
+    # an app the spec no longer has is left alone, but said
+    (first / "old").mkdir()
+    (first / "old" / "compose-hash").write_text("ab" * 32 + "\n")
+    again = render(spec, first)
+    assert again.returncode == 0
+    assert f"warning: {first / 'old'} is no app of" in said(again)
 
 
 def test_json_output_is_the_manifest(tmp_path: Path) -> None:
@@ -148,6 +154,7 @@ def test_refusals_name_the_problem_and_write_nothing(tmp_path: Path) -> None:
     result = render(write_spec(tmp_path / "a", unpinned), out)
     assert result.returncode == 2
     assert "the teemesh image 'teemesh:latest' is not pinned by digest" in said(result)
+    assert str(tmp_path / "a" / "cluster.yaml") in said(result)  # the spec, named
     assert not out.exists()
     # the user opts out explicitly
     assert (

@@ -15,9 +15,11 @@ import yaml
 from teemesh.attest.simulated import PlatformKey
 from teemesh.config import ConfigError
 from teemesh.errors import InputError
-from teemesh.spec import load_spec, parse_spec, plan_cluster
+from teemesh.spec import cluster_policy, load_spec, parse_spec, plan_cluster
 from teemesh.spec.compose import PINNED, referenced_env, unpinned_images
 from teemesh.spec.deploy import MANIFEST_FILE, POLICY_FILE, render
+from teemesh.spec.goyaml import go_scalar, load_compose_yaml
+from teemesh.spec.user_compose import MAX_DEPTH
 
 DIGEST = "sha256:" + "ab" * 32
 IMAGE = f"registry.example/teemesh@{DIGEST}"
@@ -120,19 +122,39 @@ def test_a_tdx_cluster_must_pin_its_kms(tmp_path: Path) -> None:
     spec = copy.deepcopy(SPEC) | {"tee": "tdx", "os_image_hashes": ["cd" * 32]}
     with pytest.raises(ConfigError) as info:
         render(plan_cluster(load_spec(write_spec(tmp_path, spec))))
-    assert [p for p in info.value.problems if p.startswith("kms.key_provider_id")]
+    assert [p.split(":")[0] for p in info.value.problems] == [
+        "kms.key_provider_id", "coordinators.policy_signer"
+    ]  # fmt: skip
     spec["kms"] = {"key_provider_id": "0x3059" + "ab" * 20}
+    spec["coordinators"] = {"policy_signer": "EF" * 32}
     spec["allowed_tcb_statuses"] = ["UpToDate", "SWHardeningNeeded"]
     policy = render(plan_cluster(load_spec(write_spec(tmp_path, spec)))).policy
     assert policy["groups"]["db"]["key_providers"] == [{"name": "kms", "id": "3059" + "ab" * 20}]
     assert policy["groups"]["db"]["allowed_tcb_statuses"] == ["UpToDate", "SWHardeningNeeded"]
     assert policy["groups"]["db"]["os_images"] == ["cd" * 32]
+    # and the guest itself refuses another KMS: dstack's own pin, in the measured app-compose
+    files = render(plan_cluster(load_spec(write_spec(tmp_path, spec)))).files()
+    for app in ("api", "db", "coordinator"):
+        assert json.loads(files[f"{app}/app-compose.json"])["key_provider_id"] == "3059" + "ab" * 20
 
 
-def test_without_a_kms_the_key_provider_is_none(tmp_path: Path) -> None:
+def test_without_a_kms_the_key_provider_is_none_and_nothing_renders(tmp_path: Path) -> None:
     spec = copy.deepcopy(SPEC) | {"kms": {"count": 0}}
-    policy = render(plan_cluster(load_spec(write_spec(tmp_path, spec)))).policy
-    assert policy["groups"]["api"]["key_providers"] == [{"name": "none"}]
+    plan = plan_cluster(load_spec(write_spec(tmp_path, spec)))
+    assert cluster_policy(plan)["groups"]["api"]["key_providers"] == [{"name": "none"}]
+    with pytest.raises(ConfigError) as info:  # dstack gives env and keys through a KMS
+        render(plan)
+    assert info.value.problems[0].startswith("kms.count: 0, but on dstack")
+
+
+def test_the_coordinators_load_only_a_policy_their_signer_signed(tmp_path: Path) -> None:
+    spec = copy.deepcopy(SPEC) | {"coordinators": {"policy_signer": "ab" * 32}}
+    files = render(plan_cluster(load_spec(write_spec(tmp_path, spec)))).files()
+    command = composed(files, "coordinator")["services"]["teemesh-coordinator"]["command"]
+    assert command[command.index("--policy-signer") + 1] == "ab" * 32
+    assert "--unsigned-policy" not in command
+    unsigned = composed(rendered_files(tmp_path), "coordinator")  # a simulated cluster may
+    assert "--unsigned-policy" in unsigned["services"]["teemesh-coordinator"]["command"]
 
 
 def test_the_workload_compose_wires_sidecar_command_and_user_services(tmp_path: Path) -> None:
@@ -317,3 +339,146 @@ def test_a_platform_key_must_be_a_public_key_of_a_simulated_cluster(tmp_path: Pa
     with pytest.raises(ConfigError) as info:
         render(plan, platform_key="not a key")
     assert info.value.problems[0].startswith("--platform-key: platform key: not a PEM public key")
+
+
+def _strict(a: Any, b: Any) -> bool:
+    """Equal, and of the same types all the way down (True is not 1, 1 is not 1.0)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_strict(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_strict(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+def test_user_compose_values_keep_what_compose_reads_in_them(tmp_path: Path) -> None:
+    """Compose (go-yaml v3) reads ``on`` and ``1:30`` as text and ``0755`` as octal, where
+    PyYAML (YAML 1.1) reads true, 90 and 493: the rendered file says what compose read."""
+    text = f"""services:
+  web:
+    image: {IMAGE}
+    user: 1:1
+    environment: {{DEBUG: on, MODE: 0755, T: 1:30, D: 2001-12-14, Y: no, U: 1_000, H: 0X1F}}
+    healthcheck: {{retries: 3, disable: false}}
+    x-numbers: [8080, -1, 0o17, 0x1F, 0.5, 1e3, .inf, true, null, '0o17', "08", 08, 1e999]
+"""
+    files = render(plan_cluster(load_spec(write_spec(tmp_path, compose=text)))).files()
+    rendered = files["db/docker-compose.yaml"].decode()
+    web = load_compose_yaml(rendered)["services"]["web"]
+    assert web["user"] == "1:1"
+    assert web["environment"] == {"DEBUG": "on", "MODE": 493, "T": "1:30", "D": "2001-12-14",
+                                  "Y": "no", "U": 1000, "H": 31}  # fmt: skip
+    assert _strict(web["healthcheck"], {"retries": 3, "disable": False})
+    numbers = [8080, -1, 15, 31, 0.5, 1000.0, float("inf"), True, None, "0o17", "08", 8.0, "1e999"]
+    assert _strict(web["x-numbers"], numbers)
+    # written so that YAML 1.1 (PyYAML, docker-compose v1) reads the same
+    assert "DEBUG: 'on'" in rendered
+    assert "user: '1:1'" in rendered
+    assert _strict(yaml.safe_load(rendered)["services"]["web"]["x-numbers"], numbers)
+    assert yaml.safe_load(rendered)["services"]["web"]["environment"] == web["environment"]
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("0755", 493), ("08", 8.0), ("00", 0), ("-0", 0), ("+1", 1), ("1_000", 1000),
+        ("0x1F", 31), ("0X1F", 31), ("0o17", 15), ("0b101", 5), ("0x", "0x"),
+        ("18446744073709551615", 2**64 - 1), ("18446744073709551616", 2.0**64),
+        ("-9223372036854775809", -(2.0**63)), ("1e999", "1e999"), (".5", 0.5), ("-.5", -0.5),
+        ("1.", 1.0), (".5_0", ".5_0"), ("9_9.5", 99.5), (".inf", float("inf")),
+        ("-.Inf", float("-inf")), ("True", True), ("FALSE", False), ("yes", "yes"),
+        ("on", "on"), ("~", None), ("", None), ("Null", None), ("1:30", "1:30"),
+        ("2001-12-14", "2001-12-14"), ("2001-12-14T21:59:43.10-05:00", "2001-12-14T21:59:43.10-05:00"),
+        ("=", "="), ("<<x", "<<x"),
+    ],
+)  # fmt: skip
+def test_plain_scalars_mean_what_go_yaml_reads(text: str, value: Any) -> None:
+    """go-yaml v3's resolve() into interface{}, case by case (yaml.v3 resolve.go)."""
+    assert _strict(go_scalar(text), value)
+
+
+def test_merge_keys_still_merge(tmp_path: Path) -> None:
+    text = f"""x-base: &base {{image: "{IMAGE}", environment: {{A: "1"}}}}
+services:
+  web: {{<<: *base, command: run}}
+"""
+    files = render(plan_cluster(load_spec(write_spec(tmp_path, compose=text)))).files()
+    web = composed(files, "db")["services"]["web"]
+    assert web["image"] == IMAGE
+    assert web["environment"] == {"A": "1"}
+    assert "<<" not in web
+
+
+ESCAPES = [
+    ("include: [other.yaml]\nservices: {}\n", "compose: include", "include: the included"),
+    ("services:\n  web: {image: x, extends: {file: b.yaml, service: s}}\n",
+     "services.web", "extends: file: the other file would not be measured"),
+    ("services:\n  web: {image: x, volumes: ['teemesh-state:/keys']}\n",
+     "services.web", "mounts teemesh's volume"),
+    ("services:\n  web: {image: x, volumes: ['teemesh-state:/keys:ro']}\n",
+     "services.web", "mounts teemesh's volume"),
+    ("services:\n  web: {image: x, volumes: [{type: volume, source: teemesh-state, "
+     "target: /k, read_only: true}]}\n", "services.web", "mounts teemesh's volume"),
+    ("services:\n  web: {image: x, volumes: ['${V}:/keys']}\n",
+     "services.web", "the environment, which is not measured, would choose"),
+    ("services:\n  web: {image: x, volumes_from: [teemesh-sidecar]}\n",
+     "services.web", "volumes_from: 'teemesh-sidecar' is teemesh's"),
+    ("services:\n  web: {image: x, volumes_from: ['app:ro']}\n",
+     "services.web", "volumes_from: 'app:ro' is teemesh's"),
+    ("services:\n  web: {image: x, volumes_from: [teemesh-dcs]}\n",
+     "services.web", "is teemesh's"),
+    ("services:\n  web: {image: x, volumes_from: ['container:shop-teemesh-sidecar-1']}\n",
+     "services.web", "only a service of this file"),
+    ("services:\n  web: {image: 'x@${DIGEST}'}\n",
+     "services.web", "image: 'x@${DIGEST}' refers to the environment"),
+    ("services:\n  web: {image: x, depends_on: other}\n",
+     "services.web", "depends_on: expected a list or a mapping"),
+    ("services: {}\nvolumes: {keys: {external: true, name: shop_teemesh-state}}\n",
+     "volumes.keys", "could be teemesh's volume"),
+]  # fmt: skip
+"""(compose text, where, problem): what could reach past the measured compose."""
+
+
+@pytest.mark.parametrize(("text", "where", "problem"), ESCAPES)
+def test_compose_content_that_could_escape_the_measurement_is_refused(
+    tmp_path: Path, text: str, where: str, problem: str
+) -> None:
+    with pytest.raises(InputError) as info:
+        render(plan_cluster(load_spec(write_spec(tmp_path, compose=text))), allow_unpinned=True)
+    assert f"{W}.db.compose" in str(info.value)
+    assert where in str(info.value)
+    assert problem in str(info.value)
+
+
+def test_what_stays_in_the_file_is_allowed(tmp_path: Path) -> None:
+    text = """services:
+  base: {image: x, volumes: ['data:/data', {type: volume, source: data, target: /d2}]}
+  web: {image: x, extends: base, volumes_from: ['base:ro'], depends_on: [base]}
+  job: {image: x, extends: {service: base}}
+volumes: {data: {}}
+"""
+    path = write_spec(tmp_path, compose=text)
+    services = composed(render(plan_cluster(load_spec(path)), allow_unpinned=True).files(), "db")
+    assert services["services"]["web"]["extends"] == "base"
+    assert services["services"]["web"]["depends_on"] == ["base", "teemesh-sidecar"]
+
+
+def _nested(depth: int) -> str:
+    return "services:\n  web: {image: x, x-deep: " + "[" * depth + "]" * depth + "}\n"
+
+
+@pytest.mark.parametrize(
+    "text", [_nested(1000), _nested(MAX_DEPTH), "x-loop: &loop [*loop]\nservices: {}\n"]
+)
+def test_a_compose_nested_too_deeply_is_named(tmp_path: Path, text: str) -> None:
+    with pytest.raises(InputError) as info:
+        render(plan_cluster(load_spec(write_spec(tmp_path, compose=text))), allow_unpinned=True)
+    assert str(info.value).startswith(f"{W}.db.compose: document nested too deeply")
+
+
+def test_a_spec_image_that_refers_to_the_environment_is_refused() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_spec(copy.deepcopy(SPEC) | {"image": "registry.example/teemesh@${DIGEST}"})
+    assert info.value.problems[0].startswith("image:")
+    assert "not measured" in info.value.problems[0]

@@ -42,7 +42,7 @@ def keygen(out: Path) -> None:
 
 
 @policy.command()
-@click.argument("policy_path", metavar="POLICY", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("policy_path", metavar="POLICY")
 @click.option(
     "--key",
     "key_path",
@@ -50,19 +50,21 @@ def keygen(out: Path) -> None:
     required=True,
     help="The signing key (teemesh policy keygen).",
 )
-def sign(policy_path: Path, key_path: Path) -> None:
-    """Print POLICY (render's cluster-policy.json, or a rollout step's) signed, on one line: the
-    value of the coordinators' TEEMESH_CLUSTER_POLICY."""
-    from teemesh.config import ConfigError, parse_model, read_yaml  # noqa: PLC0415
+def sign(policy_path: str, key_path: Path) -> None:
+    """Print POLICY (render's cluster-policy.json, a rollout step's policy, or - for stdin)
+    signed, on one line: the value of the coordinators' TEEMESH_CLUSTER_POLICY."""
+    from teemesh.cli._output import read_input  # noqa: PLC0415
+    from teemesh.config import MAX_CONFIG_LEN, ConfigError, parse_model, parse_yaml  # noqa: PLC0415
     from teemesh.coordinator.policy import ClusterPolicy  # noqa: PLC0415
     from teemesh.coordinator.policy_signing import load_signing_key, sign_policy  # noqa: PLC0415
 
     try:
-        doc = read_yaml(policy_path)
+        raw = read_input(policy_path, limit=MAX_CONFIG_LEN)
+        doc = parse_yaml(raw.decode("utf-8", "replace"), policy_path)
         if not isinstance(doc, dict):
-            raise ConfigError(str(policy_path), ["(top level): expected the cluster policy"])
+            raise ConfigError(policy_path, ["(top level): expected the cluster policy"])
         if doc.get("tee") != "simulated" or "platform_key" in doc:  # checked as it will load
-            parse_model(ClusterPolicy, doc, source=str(policy_path))
+            parse_model(ClusterPolicy, doc, source=policy_path)
         signed = sign_policy(doc, load_signing_key(key_path))
     except MeshError as exc:
         fail(exc)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from meshkit import Mesh, ready
-from procs import free_port, run_teemesh, started
+from procs import free_port, run_teemesh, started, teemesh_exe
 from sidecarkit import WAIT, Sidecar, wait_for
 
 from teemesh.coordinator.policy_signing import (
@@ -295,6 +296,11 @@ def test_policy_keygen_and_sign_make_what_the_coordinator_loads(tmp_path: Path) 
     assert signed.returncode == 0, signed.stderr
     assert signed.stdout.count("\n") == 1
     assert verified_policy(signed.stdout, signer, "$P") == policy
+    piped = subprocess.run([teemesh_exe(), "policy", "sign", "-", "--key", str(key)],
+                           input=json.dumps(policy), capture_output=True, text=True, timeout=30,
+                           check=False)  # fmt: skip
+    assert piped.returncode == 0, piped.stderr
+    assert verified_policy(piped.stdout, signer, "$P") == policy  # a rollout step's, piped
     (tmp_path / "bad.json").write_text('{"cluster": "demo", "groups": {"a": {"x": 1}}}')
     refused = run_teemesh(["policy", "sign", str(tmp_path / "bad.json"), "--key", str(key)],
                           tmp_path / "bad.log")  # fmt: skip

@@ -1,4 +1,5 @@
-"""``teemesh admin``: the coordinator's admin API (admissions, revocation, policy reload)."""
+"""``teemesh admin``: the coordinator's admin API (admissions, revocation, policy reload and
+publication)."""
 
 from __future__ import annotations
 
@@ -109,7 +110,29 @@ def revoke(ctx: click.Context, group: str, peer_id: str, reason: str, as_json: b
 @click.pass_context
 def reload(ctx: click.Context, as_json: bool) -> None:
     """Re-read the coordinator's policy file and publish it; revoke what it no longer admits."""
-    doc = _call(ctx, "POST", "/v1/admin/policy/reload", {})
+    _show_epoch(_call(ctx, "POST", "/v1/admin/policy/reload", {}), as_json)
+
+
+@admin.command()
+@click.argument("signed_path", metavar="SIGNED_POLICY")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def publish(ctx: click.Context, signed_path: str, as_json: bool) -> None:
+    """Publish a signed policy (teemesh policy sign's output, or - for stdin) to every
+    coordinator of the cluster; revoke what it no longer admits. The coordinators take it only
+    if their policy signer signed it, with a higher serial than the policy in force."""
+    from teemesh.cli._output import read_input  # noqa: PLC0415
+    from teemesh.config import MAX_CONFIG_LEN  # noqa: PLC0415
+    from teemesh.encoding import load_json  # noqa: PLC0415
+
+    try:
+        signed = load_json(read_input(signed_path, limit=MAX_CONFIG_LEN), field=signed_path)
+    except MeshError as exc:
+        fail(exc)
+    _show_epoch(_call(ctx, "POST", "/v1/admin/policy", signed), as_json)
+
+
+def _show_epoch(doc: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print_json(doc)
         return

@@ -159,6 +159,7 @@ def coordinator(
         policy_source=policy_source,
         reload_on_sighup=True,
         vpc_shared_key=ident.vpc_shared_key,
+        policy_signer=policy_signer,
     )
     stdout.print(table("teemesh coordinator", [
         ("listen", f"https://{host}:{sock.getsockname()[1]}"),

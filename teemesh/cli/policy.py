@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import click
@@ -50,7 +51,13 @@ def keygen(out: Path) -> None:
     required=True,
     help="The signing key (teemesh policy keygen).",
 )
-def sign(policy_path: str, key_path: Path) -> None:
+@click.option(
+    "--serial",
+    type=click.IntRange(1, 2**63 - 1),
+    help="The policy's serial (default: now, in UNIX seconds). Once a signed policy is in force "
+    "the coordinators take only one with a higher serial: an older one cannot be replayed.",
+)
+def sign(policy_path: str, key_path: Path, serial: int | None) -> None:
     """Print POLICY (render's cluster-policy.json, a rollout step's policy, or - for stdin)
     signed, on one line: the value of the coordinators' TEEMESH_CLUSTER_POLICY."""
     from teemesh.cli._output import read_input  # noqa: PLC0415
@@ -63,6 +70,7 @@ def sign(policy_path: str, key_path: Path) -> None:
         doc = parse_yaml(raw.decode("utf-8", "replace"), policy_path)
         if not isinstance(doc, dict):
             raise ConfigError(policy_path, ["(top level): expected the cluster policy"])
+        doc["serial"] = serial if serial is not None else int(time.time())
         if doc.get("tee") != "simulated" or "platform_key" in doc:  # checked as it will load
             parse_model(ClusterPolicy, doc, source=policy_path)
         signed = sign_policy(doc, load_signing_key(key_path))

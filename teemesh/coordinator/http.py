@@ -89,11 +89,13 @@ def create_app(
     reload_on_sighup: bool = False,
     watch_keepalive: float = WATCH_KEEPALIVE,
     vpc_shared_key: bytes | None = None,
+    policy_signer: str | None = None,
     log: Log = _log,
 ) -> FastAPI:
     """``make`` runs on the serving event loop, where the async store must be opened.
 
     ``vpc_shared_key``: what the VPC API hands registering nodes (``vpc.derive_shared_key``).
+    ``policy_signer``: the admin API publishes policies this key signed (``policy_signing``).
 
     With ``reload_on_sighup``, SIGHUP reloads the policy from ``policy_source`` (as the admin
     API does); a policy file with errors is reported and the policy in force stays.
@@ -168,5 +170,5 @@ def create_app(
     add_catalog_routes(app, log, watch_keepalive)
     add_vpc_routes(app, vpc_shared_key, log)
     if admin is not None:
-        add_admin_routes(app, admin, policy_source, log)
+        add_admin_routes(app, admin, policy_source, log, signer=policy_signer)
     return app

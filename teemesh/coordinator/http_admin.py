@@ -21,11 +21,12 @@ from teemesh.checks import Label
 from teemesh.config import Frozen
 from teemesh.coordinator.errors import NotRegistered
 from teemesh.coordinator.http_util import Log, coordinator_of, json_body
-from teemesh.coordinator.policy import ClusterPolicy
+from teemesh.coordinator.policy import ClusterPolicy, parse_cluster_policy
 from teemesh.coordinator.records import parse_request
 from teemesh.coordinator.service import Coordinator
 from teemesh.errors import InputError, MeshError
 from teemesh.fsutil import write_private
+from teemesh.platform.prpc import read_body
 
 PolicySource = Callable[[], ClusterPolicy]
 """Reads the policy file again (a reload picks up what the operator changed)."""
@@ -80,14 +81,28 @@ class RevokeRequest(Frozen):
 
 async def reload_policy(coordinator: Coordinator, source: PolicySource, log: Log) -> dict[str, Any]:
     """Read the policy file again and publish it; what it no longer admits is revoked."""
-    epoch, revoked = await coordinator.publish_policy(source())
+    return await _publish(coordinator, source(), log)
+
+
+async def _publish(coordinator: Coordinator, policy: ClusterPolicy, log: Log) -> dict[str, Any]:
+    epoch, revoked = await coordinator.publish_policy(policy)
     for r in revoked:
         log(f"revoked {r.group}/{r.peer_id} ({len(r.serials)} certificates): {r.reason}")
     log(f"policy epoch {epoch.epoch} ({epoch.digest[:12]}) in force")
     return {"epoch": epoch.epoch, "digest": epoch.digest, "revoked": [r.to_json() for r in revoked]}
 
 
-def add_admin_routes(app: FastAPI, admin: AdminAuth, source: PolicySource | None, log: Log) -> None:
+def add_admin_routes(
+    app: FastAPI,
+    admin: AdminAuth,
+    source: PolicySource | None,
+    log: Log,
+    *,
+    signer: str | None = None,
+) -> None:
+    """``signer``: the key whose signed policies ``POST /v1/admin/policy`` publishes (without
+    one, the policy comes only from the coordinator's file or env, by a reload)."""
+
     @app.get("/v1/admin/admissions")
     async def admissions(request: Request) -> dict[str, Any]:
         admin.check(request)
@@ -114,6 +129,19 @@ def add_admin_routes(app: FastAPI, admin: AdminAuth, source: PolicySource | None
             "published_at": epoch.published_at,
             "policy": epoch.policy.model_dump(mode="json"),
         }
+
+    @app.post("/v1/admin/policy")
+    async def publish(request: Request) -> dict[str, Any]:
+        admin.check(request)
+        if signer is None:
+            raise InputError(
+                "this coordinator publishes no uploaded policy (it has no policy signer): "
+                "change its policy file or env, then reload",
+                field="policy",
+            )
+        text = (await read_body(request)).decode("utf-8", "replace")
+        policy = parse_cluster_policy(text, "the uploaded policy", signer=signer)
+        return await _publish(coordinator_of(request), policy, log)
 
     @app.post("/v1/admin/policy/reload")
     async def reload(request: Request) -> dict[str, Any]:

@@ -68,14 +68,19 @@ class ClusterPolicy(Frozen):
     groups: dict[Label, GroupPolicy] = Field(default_factory=dict)
     vpc: VpcPolicy | None = None
     """None: the VPC API is off (404)."""
+    serial: int | None = Field(None, ge=1, lt=2**63)
+    """Set by ``teemesh policy sign`` (its time by default): once a policy with a serial is in
+    force, only a policy with a higher serial replaces it, so an older signed policy that the
+    host replays (through the env or the admin API) is refused."""
 
     @model_serializer(mode="wrap")
-    def _without_absent_vpc(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """A policy without ``vpc`` dumps as before: same epoch digest, and coordinators that
-        predate ``vpc`` can still read it from the store."""
+    def _without_absent_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """A policy without ``vpc`` or ``serial`` dumps as before: same epoch digest, and
+        coordinators that predate them can still read it from the store."""
         doc: dict[str, Any] = handler(self)
-        if self.vpc is None:
-            doc.pop("vpc", None)
+        for name in ("vpc", "serial"):
+            if getattr(self, name) is None:
+                doc.pop(name, None)
         return doc
 
     @model_validator(mode="after")

@@ -69,6 +69,20 @@ class Revoked:
         }
 
 
+def check_serial(serial: int | None, in_force: int | None) -> None:
+    """A signed policy (one with a serial) is replaced only by a later one: never rolled back,
+    and never by an unsigned one."""
+    if in_force is None:
+        return
+    if serial is None or serial <= in_force:
+        given = "no serial" if serial is None else f"serial {serial}"
+        raise InputError(
+            f"the policy in force has serial {in_force}; this one has {given}: only a policy "
+            "signed later (a higher serial) replaces it",
+            field="serial",
+        )
+
+
 @dataclass
 class Coordinator:
     """``policy`` starts as this replica's own; ``start`` publishes it unless it is in force."""
@@ -119,6 +133,8 @@ class Coordinator:
             if previous is not None and previous.digest == digest:
                 epoch = previous
                 break
+            if previous is not None:
+                check_serial(policy.serial, previous.policy.serial)
             number = previous.epoch + 1 if previous else 1
             epoch = PolicyEpoch(number, digest, policy, int(self.clock.now()))
             if (await self.store.replace(POLICY_KEY, epoch.to_bytes(), held)).succeeded:

@@ -10,11 +10,13 @@ import contextlib
 import json
 import random
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from meshkit import Mesh, ready
@@ -147,14 +149,58 @@ def test_a_sidecar_configured_by_its_measured_app_compose_is_admitted(
                 admin_admissions(tmp_path, cluster.url, "x" * 40)
 
 
-def admin_admissions(tmp_path: Path, url: str, token: str) -> list[str]:
+def admin(
+    tmp_path: Path, url: str, *args: str, token: str = ADMIN_TOKEN
+) -> subprocess.CompletedProcess[str]:
+    """``teemesh admin ... ARGS --json`` against the coordinator of ``coordinator_of``."""
     (tmp_path / "token").write_text(token + "\n")
-    result = run_teemesh(["admin", "--url", url, "--ca", str(tmp_path / "coordinator" /
-                          "mesh-ca.crt"), "--token-file", str(tmp_path / "token"),
-                          "admissions", "--json"], tmp_path / "admin.log")  # fmt: skip
+    return run_teemesh(["admin", "--url", url, "--ca", str(tmp_path / "coordinator" /
+                        "mesh-ca.crt"), "--token-file", str(tmp_path / "token"), *args, "--json"],
+                       tmp_path / "admin.log")  # fmt: skip
+
+
+def admin_admissions(tmp_path: Path, url: str, token: str) -> list[str]:
+    result = admin(tmp_path, url, "admissions", token=token)
     assert result.returncode == 0, result.stdout + result.stderr
     rows = json.loads(result.stdout)["admissions"]
     return [f"{r['group']}/{r['peer_id']}" for r in rows]
+
+
+def test_signed_policies_are_published_and_never_rolled_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The operator publishes through the admin API; what a host could replay (an older signed
+    policy, an unsigned one, the env's first one by a reload) is refused and the policy stays."""
+    with coordinator_of(tmp_path, monkeypatch) as cluster:
+        policy = cluster_policy(plan_cluster(cluster.spec), cluster.mesh.platform.public_pem()
+                                .decode())  # fmt: skip
+
+        def publish(
+            doc: dict[str, Any], key: Any = SIGNING_KEY
+        ) -> subprocess.CompletedProcess[str]:
+            (tmp_path / "signed.json").write_text(sign_policy(doc, key))
+            return admin(tmp_path, cluster.url, "publish", str(tmp_path / "signed.json"))
+
+        newer = policy | {"serial": 100, "svid_ttl_seconds": 600}
+        done = publish(newer)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert json.loads(done.stdout)["epoch"] == 2
+        older = publish(policy | {"serial": 50})
+        assert older.returncode != 0
+        assert "the policy in force has serial 100; this one has serial 50" in said(older)
+        other, _ = new_signing_key()
+        forged = publish(newer | {"serial": 200}, key=other)
+        assert forged.returncode != 0 and "not made by the policy signer" in said(forged)
+        # the env still holds the first policy (no serial): a reload would roll back
+        reload = admin(tmp_path, cluster.url, "reload")
+        assert reload.returncode != 0 and "this one has no serial" in said(reload)
+        later = publish(newer | {"serial": 101, "svid_ttl_seconds": 900})
+        assert later.returncode == 0, later.stdout + later.stderr
+        assert json.loads(later.stdout)["epoch"] == 3
+
+
+def said(result: subprocess.CompletedProcess[str]) -> str:
+    return " ".join((result.stdout + result.stderr).split())
 
 
 def test_a_tampered_app_compose_is_refused_by_the_coordinator(
@@ -295,12 +341,15 @@ def test_policy_keygen_and_sign_make_what_the_coordinator_loads(tmp_path: Path) 
                          tmp_path / "sign.log")  # fmt: skip
     assert signed.returncode == 0, signed.stderr
     assert signed.stdout.count("\n") == 1
-    assert verified_policy(signed.stdout, signer, "$P") == policy
-    piped = subprocess.run([teemesh_exe(), "policy", "sign", "-", "--key", str(key)],
+    before = int(time.time())
+    verified = verified_policy(signed.stdout, signer, "$P")
+    assert verified == policy | {"serial": verified["serial"]}  # its serial: when it was signed
+    assert before - 60 <= verified["serial"] <= time.time()
+    piped = subprocess.run([teemesh_exe(), "policy", "sign", "-", "--key", str(key), "--serial", "7"],
                            input=json.dumps(policy), capture_output=True, text=True, timeout=30,
                            check=False)  # fmt: skip
     assert piped.returncode == 0, piped.stderr
-    assert verified_policy(piped.stdout, signer, "$P") == policy  # a rollout step's, piped
+    assert verified_policy(piped.stdout, signer, "$P") == policy | {"serial": 7}  # piped in
     (tmp_path / "bad.json").write_text('{"cluster": "demo", "groups": {"a": {"x": 1}}}')
     refused = run_teemesh(["policy", "sign", str(tmp_path / "bad.json"), "--key", str(key)],
                           tmp_path / "bad.log")  # fmt: skip

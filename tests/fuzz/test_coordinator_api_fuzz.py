@@ -44,6 +44,7 @@ from teemesh.coordinator.admission import AdmissionRequest, admission_report_dat
 from teemesh.coordinator.http import create_app
 from teemesh.coordinator.http_admin import AdminAuth
 from teemesh.coordinator.policy import ClusterPolicy
+from teemesh.coordinator.policy_signing import new_signing_key, signer_hex
 from teemesh.coordinator.records import admission_key
 from teemesh.coordinator.service import Coordinator
 from teemesh.identity.certs import new_p256_key
@@ -213,6 +214,7 @@ class World:
             coordinator_factory(tmp, self.certs, self.clock),
             admin=AdminAuth(hashlib.sha256(TOKEN.encode()).digest()),
             policy_source=policy_source,
+            policy_signer=signer_hex(new_signing_key()[0]),  # publish: checks run, then refuse
             log=self.logs.append,
         )
         self.asgi = with_client_cert(self.app, self.certs)
@@ -432,9 +434,10 @@ ROUTES: dict[str, tuple[str, str]] = {
     "revoke": ("POST", "/v1/admin/revoke"),
     "policy": ("GET", "/v1/admin/policy"),
     "reload": ("POST", "/v1/admin/policy/reload"),
+    "publish": ("POST", "/v1/admin/policy"),
 }
 CATALOG = {"register", "heartbeat", "update", "deregister", "read", "watch"}
-ADMIN = {"admissions", "revoke", "policy", "reload"}
+ADMIN = {"admissions", "revoke", "policy", "reload", "publish"}
 SCHEMAS = {"register": REGISTRATION, "update": UPDATE, "revoke": REVOKE}
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE", "FUZZ"]
 CERT_NAMES = ["peer", "peer", "peer", "", "revoked", "stranger", "superseded", "foreign", "ca"]

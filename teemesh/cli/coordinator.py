@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 @click.option(
     "--policy-signer",
     metavar="HEX",
+    callback=lambda _ctx, _param, value: _signer(value),
     help="With --policy-env: load only a policy this Ed25519 key (raw public key, hex) signed "
     "(teemesh policy sign). On dstack it is in the measured command line, so the host, which can "
     "replace the env, cannot replace the policy.",
@@ -45,7 +46,13 @@ if TYPE_CHECKING:
 @click.option(
     "--unsigned-policy",
     is_flag=True,
-    help="With --policy-env: take the policy unsigned (a simulated cluster's rendered compose).",
+    help="With --policy-env: take the policy unsigned (a simulated cluster's rendered compose; "
+    "a tee: tdx policy is refused unsigned).",
+)
+@click.option(
+    "--cluster",
+    help="Load only a policy for this cluster (on dstack it is in the measured command, so a "
+    "policy signed for another cluster with the same key is refused).",
 )
 @click.option("--listen", default="127.0.0.1:8443", show_default=True, help="HOST:PORT (TLS).")
 @click.option(
@@ -90,6 +97,7 @@ def coordinator(
     policy_env: str | None,
     policy_signer: str | None,
     unsigned_policy: bool,
+    cluster: str | None,
     listen: str,
     state: Path,
     store_kind: str,
@@ -119,6 +127,7 @@ def coordinator(
 
     try:
         policy_source = _policy_source(policy_path, policy_env, policy_signer, unsigned_policy)
+        policy_source = _for_cluster(policy_source, cluster, unsigned=unsigned_policy)
         policy = policy_source()
         admin = _admin_auth(admin_token_file, admin_token_env, state)
         store_collateral = CollateralStore.open(collateral) if collateral else None
@@ -185,6 +194,37 @@ def _admin_auth(path: Path | None, env_name: str | None, state: Path) -> AdminAu
     if env_name is not None:
         return AdminAuth.from_token(os.environ.get(env_name, ""), f"${env_name}")
     return AdminAuth.from_file(path or state / "admin.token", create=path is None)
+
+
+def _signer(value: str | None) -> str | None:
+    """An Ed25519 public key, raw, in hex (said now, not at the first policy read)."""
+    if value is not None:
+        try:
+            if len(bytes.fromhex(value)) == 32:  # an Ed25519 public key
+                return value.lower()
+        except ValueError:
+            pass
+        raise click.BadParameter("expected an Ed25519 public key: 32 bytes in hex")
+    return value
+
+
+def _for_cluster(
+    source: Callable[[], ClusterPolicy], cluster: str | None, *, unsigned: bool
+) -> Callable[[], ClusterPolicy]:
+    """``source``, refusing a policy for another cluster than ``cluster``, and a TDX policy
+    taken unsigned (only a simulated cluster may go without a signer)."""
+
+    def read() -> ClusterPolicy:
+        policy = source()
+        if cluster is not None and policy.cluster != cluster:
+            raise InputError(f"the policy is for cluster {policy.cluster!r}, not {cluster!r}",
+                             field="cluster")  # fmt: skip
+        if unsigned and policy.tee == "tdx":
+            raise InputError("a tee: tdx policy is taken only signed (--policy-signer)",
+                             field="tee")  # fmt: skip
+        return policy
+
+    return read
 
 
 def _policy_source(

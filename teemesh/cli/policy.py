@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -54,8 +55,8 @@ def keygen(out: Path) -> None:
 @click.option(
     "--serial",
     type=click.IntRange(1, 2**63 - 1),
-    help="The policy's serial (default: now, in UNIX seconds). Once a signed policy is in force "
-    "the coordinators take only one with a higher serial: an older one cannot be replayed.",
+    help="The policy's serial (default: now, in UNIX nanoseconds). Once a signed policy is in "
+    "force the coordinators take only one with a higher serial: an older one cannot be replayed.",
 )
 def sign(policy_path: str, key_path: Path, serial: int | None) -> None:
     """Print POLICY (render's cluster-policy.json, a rollout step's policy, or - for stdin)
@@ -67,15 +68,22 @@ def sign(policy_path: str, key_path: Path, serial: int | None) -> None:
 
     try:
         raw = read_input(policy_path, limit=MAX_CONFIG_LEN)
-        doc = parse_yaml(raw.decode("utf-8", "replace"), policy_path)
+        try:
+            doc = parse_yaml(raw.decode("utf-8"), policy_path)
+            doc = json.loads(json.dumps(doc, allow_nan=False))  # what a signature can cover
+        except UnicodeDecodeError:
+            raise ConfigError(policy_path, ["not UTF-8 text"]) from None
+        except (TypeError, ValueError) as exc:  # dates, binary, aliases in a loop, NaN
+            raise ConfigError(policy_path, [f"not JSON data: {exc}"]) from None
         if not isinstance(doc, dict):
             raise ConfigError(policy_path, ["(top level): expected the cluster policy"])
-        doc["serial"] = serial if serial is not None else int(time.time())
-        if doc.get("tee") != "simulated" or "platform_key" in doc:  # checked as it will load
-            parse_model(ClusterPolicy, doc, source=policy_path)
+        if "serial" in doc and serial is None:
+            raise ConfigError(policy_path, [f"serial: already {doc['serial']}; give --serial"])
+        doc["serial"] = serial if serial is not None else time.time_ns()
+        placeholder = {} if doc.get("platform_key") else {"platform_key": "(checked as loaded)"}
+        checked = doc | placeholder if doc.get("tee") == "simulated" else doc
+        parse_model(ClusterPolicy, checked, source=policy_path)  # as the coordinators will
         signed = sign_policy(doc, load_signing_key(key_path))
     except MeshError as exc:
         fail(exc)
-    except UnicodeEncodeError:  # a lone surrogate, from an escape in the YAML
-        fail(f"{policy_path}: not valid Unicode text")
     click.echo(signed)

@@ -18,7 +18,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from teemesh.config import ConfigError, parse_yaml
+from teemesh.config import ConfigError
+from teemesh.encoding import load_json
 from teemesh.errors import InputError
 
 SIGNER_LEN = 32
@@ -43,8 +44,14 @@ def signer_hex(key: Ed25519PrivateKey) -> str:
 
 
 def verified_policy(text: str, signer: str, source: str) -> dict[str, Any]:
-    """The policy in a signed document, once its signature by ``signer`` (hex) checks out."""
-    doc = parse_yaml(text, source)
+    """The policy in a signed document, once its signature by ``signer`` (hex) checks out.
+
+    JSON only, as ``sign_policy`` writes it: what YAML would add (dates, binary, aliases) could
+    not have been signed, and must not reach the signature check as anything but an error."""
+    try:
+        doc = load_json(text, field="document")
+    except InputError as exc:
+        raise ConfigError(source, [str(exc)]) from exc
     if not isinstance(doc, dict) or set(doc) != {"policy", "signature"}:
         raise ConfigError(source, ['expected a signed policy: {"policy": {...}, "signature": '
                                    '"<hex>"} (teemesh policy sign writes it)'])  # fmt: skip
@@ -54,8 +61,10 @@ def verified_policy(text: str, signer: str, source: str) -> dict[str, Any]:
     try:
         public = Ed25519PublicKey.from_public_bytes(_hex(signer, SIGNER_LEN, "policy signer"))
         public.verify(_hex(signature, 64, "signature"), policy_bytes(policy))
-    except UnicodeEncodeError:  # a lone surrogate, escaped in the JSON: no signer wrote that
-        raise ConfigError(source, ["policy: not valid Unicode text"]) from None
+    except (TypeError, ValueError):  # what no canonical JSON holds: no signer wrote that
+        raise ConfigError(
+            source, ["policy: not a JSON document a signer could have signed"]
+        ) from None
     except InvalidSignature:
         raise ConfigError(source, ["signature: not made by the policy signer this coordinator "
                                    f"was measured with ({signer})"]) from None  # fmt: skip

@@ -127,7 +127,8 @@ def coordinator_compose(spec: ClusterSpec) -> str:
     and with a DCS the DCS member and the sidecar that serves it."""
     state = f"{STATE}/coordinator"
     argv = [
-        "coordinator", "--policy-env", ENV_POLICY, *_policy_signature(spec),
+        "coordinator", "--cluster", spec.cluster,
+        "--policy-env", ENV_POLICY, *_policy_signature(spec),
         "--admin-token-env", ENV_ADMIN_TOKEN,
         "--listen", f"0.0.0.0:{spec.coordinators.port}", "--state", state,
         "--agent", DSTACK_SOCKET,

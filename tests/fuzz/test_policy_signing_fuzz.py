@@ -41,3 +41,14 @@ def test_only_the_signed_document_verifies(policy: Any, signature: Any) -> None:
     verified = input_error_only(verified_policy, text, SIGNER, "$P")
     if verified is not None:
         assert verified == POLICY
+
+
+@FUZZ
+@given(policy_text=st.text(max_size=120) | st.sampled_from(("{}", "[]", "1e999", '"\\ud800"')))
+def test_any_policy_text_beside_a_well_formed_signature_is_refused_cleanly(
+    policy_text: str,
+) -> None:
+    """Past the envelope's checks, right up to the signature check: still only InputError."""
+    text = f'{{"policy": {policy_text}, "signature": "{SIGNED["signature"]}"}}'
+    verified = input_error_only(verified_policy, text, SIGNER, "$P")
+    assert verified is None or verified == POLICY

@@ -275,6 +275,10 @@ def test_an_app_compose_not_rendered_by_teemesh_fails_before_the_sidecar_starts(
             "--policy-env needs --policy-signer HEX",
         ),
         (["--policy", "cluster.yaml", "--unsigned-policy"], "go with --policy-env"),
+        (
+            ["--policy-env", POLICY_ENV, "--policy-signer", "abcd"],
+            "expected an Ed25519 public key: 32 bytes in hex",
+        ),
     ],
 )
 def test_the_coordinator_needs_one_policy_source(
@@ -287,6 +291,33 @@ def test_the_coordinator_needs_one_policy_source(
                               str(tmp_path / "none.sock"), *args], tmp_path / "c.log")  # fmt: skip
     assert result.returncode != 0
     assert expected in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "policy_change", "problem"),
+    [
+        (["--unsigned-policy", "--cluster", "other"], {}, "the policy is for cluster 'demo', "
+         "not 'other'"),
+        (["--unsigned-policy"], {"tee": "tdx", "platform_key": None},
+         "a tee: tdx policy is taken only signed"),
+    ],
+)  # fmt: skip
+def test_a_policy_for_another_cluster_or_an_unsigned_tdx_one_is_refused(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    extra: list[str],
+    policy_change: dict[str, Any],
+    problem: str,
+) -> None:
+    spec, _, _ = spec_with_free_ports()
+    policy = cluster_policy(plan_cluster(spec), Mesh(tmp_path).platform.public_pem().decode())
+    doc = {k: v for k, v in (policy | policy_change).items() if v is not None}
+    monkeypatch.setenv(POLICY_ENV, json.dumps(doc))
+    result = run_teemesh(["coordinator", "--policy-env", POLICY_ENV, *extra, "--state",
+                          str(tmp_path / "c"), "--agent", str(tmp_path / "none.sock")],
+                         tmp_path / "c.log")  # fmt: skip
+    assert result.returncode != 0
+    assert problem in said(result)
 
 
 def test_a_bad_policy_in_the_environment_is_refused_naming_the_variable(
@@ -341,15 +372,26 @@ def test_policy_keygen_and_sign_make_what_the_coordinator_loads(tmp_path: Path) 
                          tmp_path / "sign.log")  # fmt: skip
     assert signed.returncode == 0, signed.stderr
     assert signed.stdout.count("\n") == 1
-    before = int(time.time())
+    now = time.time_ns()
     verified = verified_policy(signed.stdout, signer, "$P")
     assert verified == policy | {"serial": verified["serial"]}  # its serial: when it was signed
-    assert before - 60 <= verified["serial"] <= time.time()
+    assert now - 60 * 10**9 <= verified["serial"] <= now  # in nanoseconds: two in a row differ
     piped = subprocess.run([teemesh_exe(), "policy", "sign", "-", "--key", str(key), "--serial", "7"],
                            input=json.dumps(policy), capture_output=True, text=True, timeout=30,
                            check=False)  # fmt: skip
     assert piped.returncode == 0, piped.stderr
     assert verified_policy(piped.stdout, signer, "$P") == policy | {"serial": 7}  # piped in
+    resigned = run_teemesh(["policy", "sign", str(tmp_path / "policy.json"), "--key", str(key)],
+                           tmp_path / "resign.log")  # fmt: skip
+    assert resigned.returncode == 0
+    (tmp_path / "signed.json").write_text(json.dumps(json.loads(resigned.stdout)["policy"]))
+    again = run_teemesh(["policy", "sign", str(tmp_path / "signed.json"), "--key", str(key)],
+                        tmp_path / "again.log")  # fmt: skip
+    assert again.returncode != 0 and "serial: already" in said(again) and "--serial" in said(again)
+    (tmp_path / "dated.yaml").write_text("cluster: demo\ntee: tdx\nwhen: 2001-01-01\n")
+    dated = run_teemesh(["policy", "sign", str(tmp_path / "dated.yaml"), "--key", str(key)],
+                        tmp_path / "dated.log")  # fmt: skip
+    assert dated.returncode != 0 and "not JSON data" in said(dated)
     (tmp_path / "bad.json").write_text('{"cluster": "demo", "groups": {"a": {"x": 1}}}')
     refused = run_teemesh(["policy", "sign", str(tmp_path / "bad.json"), "--key", str(key)],
                           tmp_path / "bad.log")  # fmt: skip

@@ -13,11 +13,11 @@ from teemesh.coordinator.policy import parse_cluster_policy
 from teemesh.coordinator.policy_signing import (
     load_signing_key,
     new_signing_key,
-    policy_bytes,
     sign_policy,
     signer_hex,
     verified_policy,
 )
+from teemesh.coordinator.service import check_serial
 from teemesh.errors import InputError
 
 POLICY = {"cluster": "shop", "tee": "tdx", "groups": {"api": {"compose_hashes": ["ab" * 32]}}}
@@ -35,9 +35,48 @@ def test_a_signed_policy_loads_as_the_policy_it_signs() -> None:
 
 def test_the_signature_covers_the_canonical_document_not_its_layout() -> None:
     signed = json.loads(sign_policy(POLICY, KEY))
-    spread = json.dumps(signed, indent=4)  # the same document, laid out otherwise
+    spread = json.dumps(signed, indent=4, sort_keys=True)  # the same document, laid out otherwise
+    assert spread != sign_policy(POLICY, KEY)
     assert verified_policy(spread, SIGNER, "$P") == POLICY
-    assert policy_bytes(POLICY) == policy_bytes(json.loads(json.dumps(POLICY, indent=1)))
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"note": "\U0001f600 caf\u00e9"}, {"ratio": 1e20}, {"ratio": 0.1}, {"big": 2**62}],
+    ids=["astral-and-accents", "exponent", "fraction", "big-int"],
+)
+def test_what_a_signer_writes_verifies(extra: dict[str, object]) -> None:
+    doc = POLICY | extra
+    assert verified_policy(sign_policy(doc, KEY), SIGNER, "$P") == doc
+
+
+@pytest.mark.parametrize(
+    "policy_text",
+    ["{d: 2001-01-01}", "&a [*a]", "!!binary aGk=", "{1: a}", "[1, 2"],
+)
+def test_yaml_that_no_signer_wrote_is_refused_cleanly(policy_text: str) -> None:
+    """Only JSON is read: what YAML adds (dates, aliases, binary) never reaches the check."""
+    text = f'{{"policy": {policy_text}, "signature": "{"ab" * 64}"}}'
+    with pytest.raises(ConfigError) as info:
+        verified_policy(text, SIGNER, "$P")
+    assert "invalid JSON" in info.value.problems[0]
+
+
+@pytest.mark.parametrize(
+    ("serial", "in_force", "refused"),
+    [
+        (None, None, False), (5, None, False), (6, 5, False),
+        (5, 5, True), (4, 5, True), (None, 5, True),
+    ],
+)  # fmt: skip
+def test_a_signed_policy_is_replaced_only_by_a_later_one(
+    serial: int | None, in_force: int | None, refused: bool
+) -> None:
+    if refused:
+        with pytest.raises(InputError, match="only a policy signed later"):
+            check_serial(serial, in_force)
+    else:
+        check_serial(serial, in_force)
 
 
 def change_hash(doc: dict) -> None:  # type: ignore[type-arg]
@@ -72,7 +111,7 @@ def test_another_key_s_signature_and_unsigned_text_are_refused() -> None:
         verified_policy(sign_policy(POLICY, other), SIGNER, "$P")
     with pytest.raises(ConfigError, match="expected a signed policy"):
         parse_cluster_policy(json.dumps(POLICY), "$P", signer=SIGNER)
-    with pytest.raises(ConfigError, match="invalid YAML"):
+    with pytest.raises(ConfigError, match="invalid JSON"):
         verified_policy("{", SIGNER, "$P")
     with pytest.raises(ConfigError, match="policy signer: expected 32 bytes"):
         verified_policy(sign_policy(POLICY, KEY), "abcd", "$P")

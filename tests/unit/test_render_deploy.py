@@ -191,7 +191,13 @@ def test_the_coordinator_compose_runs_its_store_members(tmp_path: Path) -> None:
     assert list(services) == ["teemesh-catalog", "teemesh-coordinator", "teemesh-dcs",
                               "teemesh-sidecar"]  # fmt: skip
     coordinator = services["teemesh-coordinator"]["command"]
-    assert coordinator[:3] == ["coordinator", "--policy-env", "TEEMESH_CLUSTER_POLICY"]
+    assert coordinator[:5] == [
+        "coordinator",
+        "--cluster",
+        "shop",
+        "--policy-env",
+        "TEEMESH_CLUSTER_POLICY",
+    ]
     assert "--etcd-endpoints" in coordinator
     catalog = services["teemesh-catalog"]["command"]
     assert catalog[:5] == ["store-member", "--cluster", "shop", "--store", "etcd"]

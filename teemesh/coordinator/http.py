@@ -75,10 +75,13 @@ async def start(coordinator: Coordinator, log: Log) -> None:
     epoch, revoked = await coordinator.start()
     log(f"policy epoch {epoch.epoch} ({epoch.digest[:12]}) in force, {len(revoked)} revoked")
     if epoch.digest != own:
-        log(
-            f"this coordinator's policy file ({own[:12]}) differs from the one in force;"
-            " reload (SIGHUP or teemesh admin reload) to publish it"
-        )
+        in_force, mine = epoch.policy.serial, coordinator.policy.serial
+        if in_force is not None and (mine is None or mine <= in_force):  # never published
+            log(f"this coordinator's policy ({own[:12]}) is no later than the signed one in "
+                "force, which stays")  # fmt: skip
+        else:
+            log(f"this coordinator's policy ({own[:12]}) differs from the one in force; reload "
+                "(SIGHUP or teemesh admin reload) to publish it")  # fmt: skip
 
 
 def create_app(

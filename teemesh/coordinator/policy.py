@@ -76,7 +76,8 @@ class ClusterPolicy(Frozen):
     @model_serializer(mode="wrap")
     def _without_absent_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         """A policy without ``vpc`` or ``serial`` dumps as before: same epoch digest, and
-        coordinators that predate them can still read it from the store."""
+        coordinators that predate them can still read it from the store (one with them, not:
+        upgrade every coordinator before publishing it)."""
         doc: dict[str, Any] = handler(self)
         for name in ("vpc", "serial"):
             if getattr(self, name) is None:

@@ -210,7 +210,6 @@ def render(
     """Write each dstack app's docker-compose.yaml, app-compose.json and compose hash, and the
     admission policy that admits exactly those hashes (cluster-policy.json). The same spec
     gives the same bytes."""
-    from teemesh.config import ConfigError  # noqa: PLC0415
     from teemesh.spec import load_spec, plan_cluster  # noqa: PLC0415
     from teemesh.spec.deploy import render as render_apps  # noqa: PLC0415
 
@@ -218,19 +217,17 @@ def render(
         laid_out = plan_cluster(load_spec(spec_path))
         pem = platform_key.read_text() if platform_key is not None else None
         rendered = render_apps(laid_out, groups=groups, allow_unpinned=allow_unpinned_images,
-                               platform_key=pem)  # fmt: skip
+                               platform_key=pem, source=str(spec_path))  # fmt: skip
         written = _write_all(out, rendered.files())
-    except ConfigError as exc:  # what the spec asks for that render cannot write: name the file
-        fail(ConfigError(str(spec_path), exc.problems))
     except MeshError as exc:
         fail(exc)
     except (OSError, UnicodeDecodeError) as exc:
         fail(f"cannot write the rendered files: {exc}")
+    manifest = rendered.manifest()
     for stale in sorted(p.parent.name for p in out.glob("*/compose-hash")):
-        if stale not in rendered.manifest()["apps"]:
+        if stale not in manifest["apps"]:
             click.echo(f"warning: {out / stale} is no app of {spec_path} (from an earlier "
                        "render?): do not upload it", err=True)  # fmt: skip
-    manifest = rendered.manifest()
     if as_json:
         print_json(manifest | {"out": str(out), "files": written})
         return

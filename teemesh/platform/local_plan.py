@@ -34,8 +34,8 @@ from teemesh.spec import (
     public_endpoints,
     runs_sidecar,
     sidecar_config,
-    system_app_compose,
 )
+from teemesh.spec.compose import store_member_argv
 from teemesh.spec.model import DCS_PEER_PORT, ETCD_CLIENT_PORT, ETCD_METRICS_PORT, ETCD_PEER_PORT
 
 LAUNCH_FILE = "launch.json"
@@ -131,12 +131,16 @@ def app_compose(composes: AppComposes, cvm: Cvm, rendered: RenderedApps | None =
 
 
 def admission_policy(
-    plan: Plan, platform_pub: str, rendered: RenderedApps | None = None
+    plan: Plan,
+    platform_pub: str,
+    rendered: RenderedApps | None = None,
+    *,
+    composes: AppComposes | None = None,
 ) -> dict[str, Any]:
     """The coordinators' cluster policy: the rendered one (with this cluster's platform key,
     which render cannot know), else the spec's."""
     if rendered is None:
-        return cluster_policy(plan, platform_pub)
+        return cluster_policy(plan, platform_pub, composes=composes)
     rest = {k: v for k, v in rendered.policy.items() if k != "platform_key"}
     head = {k: rest.pop(k) for k in ("cluster", "tee") if k in rest}
     return head | {"platform_key": platform_pub} | rest  # where cluster_policy puts it
@@ -180,19 +184,19 @@ def launch_files(
     ``rendered``, its apps' CVMs are measured by its bytes and the coordinators admit by its
     policy; the rest (the KMS, sidecar configurations, pins) comes from the plan."""
     spec = plan.spec
-    policy = admission_policy(plan, platform_pub, rendered)
+    composes = AppComposes(plan)
+    policy = admission_policy(plan, platform_pub, rendered, composes=composes)
     files: dict[Path, tuple[bytes, bool]] = {
         state_dir / "cluster-policy.yaml": (_yaml(policy), False),
         state_dir / "kms-policy.yaml": (
             _yaml({"tee": spec.tee, "platform_key": platform_pub}),
             False,
         ),
-        state_dir / "kms-pin.yaml": (_yaml(_kms_pin(plan, platform_pub)), False),
+        state_dir / "kms-pin.yaml": (_yaml(_kms_pin(plan, composes, platform_pub)), False),
     }
-    pin = coordinator_attest_policy(plan, platform_pub)
+    pin = coordinator_attest_policy(plan, platform_pub, composes=composes)
     if spec.gateway is not None:
         files[txt_records_file(state_dir)] = (TXT_RECORDS_HELP, False)
-    composes = AppComposes(plan)
     for cvm in plan.cvms:
         folder = cvm_dir(state_dir, cvm.name)
         files[folder / "app-compose.json"] = (app_compose(composes, cvm, rendered), False)
@@ -394,23 +398,14 @@ def _etcd(
     members = [c for c in plan.cvms if c.role == "coordinator"]
     peers = ",".join(f"{c.name}=https://{c.address}:{peer_port}" for c in members)
     folder = cvm_dir(state_dir, cvm.name)
-    sock = str(agent_socket(state_dir, cvm.name))
-    argv = (
-        teemesh, "store-member", "--cluster", plan.cluster, "--store", store,
-        "--tls-dir", str(folder / f"{store}-tls"), "--agent", sock,
-        "--name", cvm.address, "--name", cvm.name,
-        *(("--client-tls",) if client.startswith("https://") else ()),
-        "--",
-        etcd, "--name", cvm.name, "--data-dir", str(folder / store),
-        "--listen-client-urls", client, "--advertise-client-urls", client,
-        "--listen-peer-urls", f"https://{cvm.address}:{peer_port}",
-        "--initial-advertise-peer-urls", f"https://{cvm.address}:{peer_port}",
-        "--initial-cluster", peers, "--initial-cluster-state", "new",
-        "--initial-cluster-token", f"teemesh-{plan.cluster}-{store}",
-        *(("--listen-metrics-urls", metrics) if metrics else ()),
+    argv = store_member_argv(
+        plan.cluster, store, member=cvm.name, address=cvm.address,
+        tls_dir=str(folder / f"{store}-tls"), agent=str(agent_socket(state_dir, cvm.name)),
+        data_dir=str(folder / store), client=client, peer_port=peer_port,
+        initial_cluster=peers, metrics=metrics, etcd=etcd,
     )  # fmt: skip
     ready = f"{metrics}/health" if metrics else None
-    return ProcessSpec(name=store, argv=argv, stage=STAGE_STORE, ready_http=ready)
+    return ProcessSpec(name=store, argv=(teemesh, *argv), stage=STAGE_STORE, ready_http=ready)
 
 
 def _etcd_clients(plan: Plan, cvm: Cvm) -> str:
@@ -475,9 +470,9 @@ def _workload(
     return processes
 
 
-def _kms_pin(plan: Plan, platform_pub: str) -> dict[str, Any]:
+def _kms_pin(plan: Plan, composes: AppComposes, platform_pub: str) -> dict[str, Any]:
     """Which KMS an agent takes its app keys from: this cluster's, by its compose hash."""
-    kms = compose_hash(system_app_compose(plan.spec, "kms")).hex()
+    kms = compose_hash(composes.system("kms")).hex()
     return {
         "tee": plan.spec.tee,
         "platform_key": platform_pub,

@@ -53,11 +53,6 @@ _REFERENCE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)|\$([A-Za-z_][A-Za-z0
 PINNED = re.compile(r"[^@\s]+@sha256:[0-9a-f]{64}")
 
 
-def compose_yaml(doc: dict[str, Any]) -> str:
-    """One text per document, which compose reads as ``doc`` (``goyaml``)."""
-    return dump_compose_yaml(doc)
-
-
 def unpinned_images(text: str) -> list[tuple[str, str]]:
     """(service, image) for every image of a rendered compose that is not pinned by digest (a
     tag can be moved to other code; a digest cannot)."""
@@ -74,13 +69,16 @@ def _required(name: str) -> str:
     return f"${{{name}:?set {name} in the app's environment}}"
 
 
-def replica_env(spec: ClusterSpec, *, sidecar: bool) -> list[str]:
-    """The per-replica variable names an app's compose refers to: its identity, and for a
-    sidecar what it cannot measure (the simulated platform's key, the gateway's address)."""
+def sidecar_env(spec: ClusterSpec, role: str) -> list[str]:
+    """What a sidecar of ``role`` takes from its env (``teemesh.sidecar.dstack``): the replica's
+    identity, and what no measurement can hold: the simulated platform's key, the gateway's
+    certificate (the gateway app) or its address (the others, with ``transport: gateway``)."""
     names = list(REPLICA_ENV)
-    if sidecar and spec.tee == "simulated":
+    if spec.tee == "simulated":
         names.append(ENV_PLATFORM_KEY)
-    if sidecar and spec.transport == "gateway" and spec.gateway is not None:
+    if role == "gateway":
+        names += [ENV_GATEWAY_CERT, ENV_GATEWAY_KEY]
+    elif spec.transport == "gateway" and spec.gateway is not None:
         names.append(ENV_VIA_GATEWAY)
     return names
 
@@ -89,7 +87,7 @@ def workload_compose(spec: ClusterSpec, group: str, hosts: dict[str, str]) -> st
     """The compose of ``group``'s app: its sidecar, its ``command`` (in the teemesh image) and
     the services of its compose file, each given the route names (``hosts``: name -> VIP)."""
     g = spec.workload_groups[group]
-    services: dict[str, Any] = {SIDECAR: _sidecar_service(spec, replica_env(spec, sidecar=True))}
+    services: dict[str, Any] = {SIDECAR: _sidecar_service(spec, sidecar_env(spec, "workload"))}
     extra_hosts = [f"{name}:{vip}" for name, vip in hosts.items()]
     argv = g.argv()
     if argv:
@@ -119,7 +117,7 @@ def workload_compose(spec: ClusterSpec, group: str, hosts: dict[str, str]) -> st
     for key, value in user.items():  # the rest of the user's file, as written
         if key not in ("services", "volumes", "version"):
             doc[key] = value
-    return compose_yaml(doc)
+    return dump_compose_yaml(doc)
 
 
 def coordinator_compose(spec: ClusterSpec) -> str:
@@ -142,19 +140,15 @@ def coordinator_compose(spec: ClusterSpec) -> str:
         env.append(ENV_CATALOG_ENDPOINTS)
         client = f"https://{_required(ENV_ADDRESS)}:{ETCD_CLIENT_PORT}"
         metrics = f"http://{_required(ENV_ADDRESS)}:{ETCD_METRICS_PORT}"
-        member = store_member_argv(
-            spec.cluster, "etcd", client=client, peer_port=ETCD_PEER_PORT,
-            cluster_env=ENV_CATALOG_CLUSTER, metrics=metrics,
-        )  # fmt: skip
+        member = _store_member(spec, "etcd", client, ETCD_PEER_PORT, ENV_CATALOG_CLUSTER, metrics)
         services["teemesh-catalog"] = _teemesh_service(spec, member, [*own, ENV_CATALOG_CLUSTER])
     services["teemesh-coordinator"] = _teemesh_service(spec, argv, env)
     if spec.coordinators.dcs is not None:
         client = f"http://127.0.0.1:{spec.coordinators.dcs.port}"
-        member = store_member_argv(spec.cluster, "dcs", client=client, peer_port=DCS_PEER_PORT,
-                                   cluster_env=ENV_DCS_CLUSTER)  # fmt: skip
+        member = _store_member(spec, "dcs", client, DCS_PEER_PORT, ENV_DCS_CLUSTER)
         services["teemesh-dcs"] = _teemesh_service(spec, member, [*own, ENV_DCS_CLUSTER])
-        services[SIDECAR] = _sidecar_service(spec, replica_env(spec, sidecar=True))
-    return compose_yaml({"services": services, "volumes": {VOLUME: {}}})
+        services[SIDECAR] = _sidecar_service(spec, sidecar_env(spec, "coordinator"))
+    return dump_compose_yaml({"services": services, "volumes": {VOLUME: {}}})
 
 
 def referenced_env(text: str) -> set[str]:
@@ -165,39 +159,53 @@ def referenced_env(text: str) -> set[str]:
 
 def gateway_compose(spec: ClusterSpec) -> str:
     """The gateway's app: a sidecar with the public listener, its certificate from the env."""
-    names = [*replica_env(spec, sidecar=True), ENV_GATEWAY_CERT, ENV_GATEWAY_KEY]
-    names = [n for n in names if n != ENV_VIA_GATEWAY]
-    return compose_yaml(
-        {"services": {SIDECAR: _sidecar_service(spec, names)}, "volumes": {VOLUME: {}}}
-    )
+    sidecar = _sidecar_service(spec, sidecar_env(spec, "gateway"))
+    return dump_compose_yaml({"services": {SIDECAR: sidecar}, "volumes": {VOLUME: {}}})
 
 
 def store_member_argv(
     cluster: str,
     store: str,
     *,
+    member: str,
+    address: str,
+    tls_dir: str,
+    agent: str,
+    data_dir: str,
     client: str,
     peer_port: int,
-    cluster_env: str,
+    initial_cluster: str,
     metrics: str | None = None,
+    etcd: str = "etcd",
 ) -> list[str]:
-    """``teemesh store-member ... -- etcd ...`` for one member in a coordinator CVM, its name,
-    address and peers from the env."""
-    address, name = _required(ENV_ADDRESS), _required(ENV_PEER_ID)
+    """``store-member ... -- etcd ...``: one member of the coordinators' store ``store`` (its
+    peer id ``member``, at ``address``), which spans the coordinator CVMs; ``store-member`` gives
+    it its TLS identity, then runs etcd. On dstack the values are env references, locally the
+    CVM's own."""
     peer = f"https://{address}:{peer_port}"
     return [
         "store-member", "--cluster", cluster, "--store", store,
-        "--tls-dir", f"{STATE}/{store}-tls", "--agent", DSTACK_SOCKET,
-        "--name", address, "--name", name,
+        "--tls-dir", tls_dir, "--agent", agent, "--name", address, "--name", member,
         *(["--client-tls"] if client.startswith("https://") else []),
         "--",
-        "etcd", "--name", name, "--data-dir", f"{STATE}/{store}",
+        etcd, "--name", member, "--data-dir", data_dir,
         "--listen-client-urls", client, "--advertise-client-urls", client,
         "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-        "--initial-cluster", _required(cluster_env), "--initial-cluster-state", "new",
+        "--initial-cluster", initial_cluster, "--initial-cluster-state", "new",
         "--initial-cluster-token", f"teemesh-{cluster}-{store}",
         *(["--listen-metrics-urls", metrics] if metrics else []),
     ]  # fmt: skip
+
+
+def _store_member(spec: ClusterSpec, store: str, client: str, peer_port: int, cluster_env: str,
+                  metrics: str | None = None) -> list[str]:  # fmt: skip
+    """A member in a dstack CVM: its name, address and peers from the env."""
+    return store_member_argv(
+        spec.cluster, store, member=_required(ENV_PEER_ID), address=_required(ENV_ADDRESS),
+        tls_dir=f"{STATE}/{store}-tls", agent=DSTACK_SOCKET, data_dir=f"{STATE}/{store}",
+        client=client, peer_port=peer_port, initial_cluster=_required(cluster_env),
+        metrics=metrics,
+    )  # fmt: skip
 
 
 def _sidecar_service(spec: ClusterSpec, env: list[str]) -> dict[str, Any]:

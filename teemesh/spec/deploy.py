@@ -34,20 +34,17 @@ class RenderedApp:
     name: str
     app_compose: bytes
     peer_ids: tuple[str, ...]
+    compose_hash: str
+    docker_compose: str
+    allowed_envs: tuple[str, ...]
 
-    @property
-    def compose_hash(self) -> str:
-        return compose_hash(self.app_compose).hex()
-
-    @property
-    def docker_compose(self) -> str:
-        text: str = json.loads(self.app_compose)["docker_compose_file"]
-        return text
-
-    @property
-    def allowed_envs(self) -> list[str]:
-        names: list[str] = json.loads(self.app_compose)["allowed_envs"]
-        return names
+    @classmethod
+    def of(cls, name: str, app_compose: bytes, peer_ids: tuple[str, ...]) -> RenderedApp:
+        """The app and what its app-compose says (read once)."""
+        doc = json.loads(app_compose)
+        digest = compose_hash(app_compose).hex()
+        return cls(name, app_compose, peer_ids, digest, doc["docker_compose_file"],
+                   tuple(doc["allowed_envs"]))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -82,7 +79,7 @@ class Rendered:
                 app.name: {
                     "compose_hash": app.compose_hash,
                     "app_id": default_app_id(bytes.fromhex(app.compose_hash)).hex(),
-                    "allowed_envs": app.allowed_envs,
+                    "allowed_envs": list(app.allowed_envs),
                     "replicas": [
                         {ENV_PEER_ID: peer, ENV_INDEX: peer.rpartition("-")[2]}
                         for peer in app.peer_ids
@@ -99,21 +96,23 @@ def render(
     groups: tuple[str, ...] = (),
     allow_unpinned: bool = False,
     platform_key: str | None = None,
+    source: str | None = None,
 ) -> Rendered:
     """Every app of the plan (or only ``groups``: app names), with the policy for all of them.
 
     Refuses (every problem at once) an unknown app name, an image without a digest unless
     ``allow_unpinned``, and a TDX cluster whose KMS is not pinned. ``platform_key`` (PEM) pins a
-    simulated platform in the policy, which then loads as is."""
+    simulated platform in the policy, which then loads as is. ``source`` (the spec's file) names
+    the problems."""
     spec = plan.spec
     composes = AppComposes(plan)
     apps = [
-        RenderedApp(name, composes.group(name), tuple(c.name for c in plan.replicas(name)))
+        RenderedApp.of(name, composes.group(name), tuple(c.name for c in plan.replicas(name)))
         for name in spec.workload_groups
     ]
     roles = ["coordinator", *(["gateway"] if spec.gateway is not None else [])]
     apps += [
-        RenderedApp(role, composes.system(role), tuple(c.name for c in plan.of_role(role)))
+        RenderedApp.of(role, composes.system(role), tuple(c.name for c in plan.of_role(role)))
         for role in roles
     ]
     known = [a.name for a in apps]
@@ -155,9 +154,10 @@ def render(
             "key is loaded (teemesh policy keygen)"
         )
     if problems:
-        raise ConfigError(spec.cluster, problems)
+        raise ConfigError(source or spec.cluster, problems)
     names = tuple(a.name for a in chosen)
-    return Rendered(spec.cluster, tuple(apps), cluster_policy(plan, platform_key), names)
+    policy = cluster_policy(plan, platform_key, composes=composes)
+    return Rendered(spec.cluster, tuple(apps), policy, names)
 
 
 def _platform_key_problems(tee: str, pem: str) -> list[str]:

@@ -134,14 +134,17 @@ def os_image_hashes(spec: ClusterSpec) -> list[str]:
     return list(spec.os_image_hashes or ())
 
 
-def cluster_policy(plan: Plan, platform_key: str | None = None) -> dict[str, Any]:
+def cluster_policy(
+    plan: Plan, platform_key: str | None = None, *, composes: AppComposes | None = None
+) -> dict[str, Any]:
     """The ``ClusterPolicy`` document the coordinators admit by: per group its compose hash, the
     OS image, its peer ids (exactly its CVMs' names) and the services it may register.
 
     ``platform_key`` (PEM text, or a path next to the policy file) pins the simulated platform;
-    a ``tee: simulated`` policy is loadable only with it, so ``plan`` shows the rest."""
+    a ``tee: simulated`` policy is loadable only with it, so ``plan`` shows the rest.
+    ``composes``: the plan's, when the caller has them already."""
     spec = plan.spec
-    apps = AppComposes(plan)
+    apps = composes or AppComposes(plan)
     groups: dict[str, Any] = {}
     for name, group in spec.workload_groups.items():
         groups[name] = _attested(spec, apps.group(name)) | {
@@ -198,12 +201,14 @@ def app_ids(spec: ClusterSpec) -> dict[str, str]:
     return ids | {role: _app_id(apps.system(role)) for role in roles}
 
 
-def coordinator_attest_policy(plan: Plan, platform_key: str | None = None) -> dict[str, Any]:
+def coordinator_attest_policy(
+    plan: Plan, platform_key: str | None = None, *, composes: AppComposes | None = None
+) -> dict[str, Any]:
     """The attestation policy a sidecar pins its coordinators with (their compose and image)."""
     doc: dict[str, Any] = {"tee": plan.spec.tee}
     if platform_key is not None:
         doc["platform_key"] = platform_key
-    return doc | _attested(plan.spec, AppComposes(plan).system("coordinator"))
+    return doc | _attested(plan.spec, (composes or AppComposes(plan)).system("coordinator"))
 
 
 def app_id(spec: ClusterSpec, group: str) -> str:

@@ -15,9 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from teemesh.spec import parse_spec, plan_cluster
-from teemesh.spec.compose import compose_yaml
 from teemesh.spec.deploy import render
-from teemesh.spec.goyaml import load_compose_yaml
+from teemesh.spec.goyaml import dump_compose_yaml, load_compose_yaml
 from teemesh.spec.user_compose import MAX_DEPTH
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -95,9 +94,10 @@ def _check(spec: Any) -> None:
     if rendered is None:
         return
     composed = yaml.safe_load(rendered.files()["db/docker-compose.yaml"])
-    for service in composed["services"].values():
+    for name, service in composed["services"].items():
         assert service["network_mode"] == "host"
-        assert "db:127.77.0.10" in service.get("extra_hosts", ["db:127.77.0.10"])
+        if name != "teemesh-sidecar":  # the sidecar serves the routes; every other container
+            assert "db:127.77.0.10" in service["extra_hosts"]  # dials them by name
 
 
 PLAIN = st.sampled_from((
@@ -127,7 +127,7 @@ def test_what_the_loader_accepts_is_written_and_read_back_the_same(text: str) ->
         doc = load_compose_yaml(text)
     except (yaml.YAMLError, ValueError):
         return
-    written = compose_yaml(doc)
+    written = dump_compose_yaml(doc)
     assert _same(load_compose_yaml(written), doc), written
     assert _same(yaml.safe_load(written), doc), written  # and YAML 1.1 reads it the same
 

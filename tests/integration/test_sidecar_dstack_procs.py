@@ -145,8 +145,8 @@ def test_a_sidecar_configured_by_its_measured_app_compose_is_admitted(
             # the operator holds the admin token the coordinator took from its env
             assert admin_admissions(tmp_path, cluster.url, ADMIN_TOKEN) == ["web/web-0"]
             assert not (tmp_path / "coordinator" / "admin.token").exists()
-            with pytest.raises(AssertionError, match=r"401|admin token"):
-                admin_admissions(tmp_path, cluster.url, "x" * 40)
+            wrong = admin(tmp_path, cluster.url, "admissions", token="x" * 40)
+            assert wrong.returncode != 0 and "HTTP 401" in said(wrong)
 
 
 def admin(

@@ -134,7 +134,6 @@ class ProxyLeg(TcpLeg):
         super().__init__()
         self.on_request = on_request
         self.clients = clients
-        self.counted = False
         self.http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         self.request: h11.Request | None = None
         self.body = bytearray()
@@ -145,8 +144,7 @@ class ProxyLeg(TcpLeg):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self.clients.open += 1
-        self.counted = True
+        self.clients.open += 1  # asyncio calls connection_lost once, after this
         if self.clients.open > self.clients.limit:
             log_event(log, "proxy_full", logging.DEBUG, open=self.clients.open)
             full = f"the client proxy holds {self.clients.limit} connections already"
@@ -157,9 +155,7 @@ class ProxyLeg(TcpLeg):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_timer()
-        if self.counted:
-            self.counted = False
-            self.clients.open -= 1
+        self.clients.open -= 1
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:

@@ -15,10 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from teemesh.attest.dstack import compose_hash
 from teemesh.errors import InputError
 from teemesh.spec.plan import Plan
-from teemesh.spec.render import cluster_policy, group_app_compose
+from teemesh.spec.render import cluster_policy
 
 Action = Literal["publish", "replace", "add", "remove"]
 
@@ -56,19 +55,16 @@ def rollout_plan(old: Plan, new: Plan, platform_key: str | None = None) -> Rollo
             f"a rollout stays in one cluster ({old.cluster} → {new.cluster})", field="cluster"
         )
     before, after = cluster_policy(old, platform_key), cluster_policy(new, platform_key)
-    changed = tuple(
-        name
-        for name in sorted(set(old.spec.workload_groups) | set(new.spec.workload_groups))
-        if _hash(old, name) != _hash(new, name) or _replicas(old, name) != _replicas(new, name)
-    )
+    was, now = _workloads(old, before), _workloads(new, after)
+    changed = tuple(name for name in sorted(set(was) | set(now)) if was.get(name) != now.get(name))
     if not changed and before == after:
         return Rollout((), ())
     wait = "every coordinator has published it"
     steps = [Step("publish", "transition", wait, transition_policy(before, after))]
     for group in changed:
-        hashes = _hash(old, group), _hash(new, group)
-        new_code = None not in hashes and hashes[0] != hashes[1]
-        steps += _replica_steps(group, _replicas(old, group), _replicas(new, group), new_code)
+        (old_hash, old_count), (new_hash, new_count) = was.get(group, _NONE), now.get(group, _NONE)
+        new_code = None not in (old_hash, new_hash) and old_hash != new_hash
+        steps += _replica_steps(group, old_count, new_count, new_code)
     steps.append(Step("publish", "final", "the old hashes' certificates are revoked", after))
     return Rollout(changed, tuple(steps))
 
@@ -101,15 +97,15 @@ def _replica_steps(group: str, old: int, new: int, new_code: bool) -> list[Step]
     return steps
 
 
-def _hash(plan: Plan, group: str) -> str | None:
-    if group not in plan.spec.workload_groups:
-        return None
-    return compose_hash(group_app_compose(plan.spec, group)).hex()
+_NONE: tuple[str | None, int] = (None, 0)
 
 
-def _replicas(plan: Plan, group: str) -> int:
-    body = plan.spec.workload_groups.get(group)
-    return 0 if body is None else body.replicas
+def _workloads(plan: Plan, policy: dict[str, Any]) -> dict[str, tuple[str | None, int]]:
+    """Each workload group's compose hash and replica count, as its policy admits them."""
+    return {
+        name: (policy["groups"][name]["compose_hashes"][0], len(policy["groups"][name]["peer_ids"]))
+        for name in plan.spec.workload_groups
+    }
 
 
 def _union(first: list[Any], second: list[Any]) -> list[Any]:

@@ -13,19 +13,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import ssl
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-import h11
-
 from teemesh.coordinator.errors import NotRegistered
-from teemesh.errors import InputError, MeshError, PeerError, Refused
-from teemesh.net.async_https import READ_CHUNK, AsyncAttestedHttps, close
+from teemesh.errors import InputError, PeerError, Refused
+from teemesh.net.async_https import AsyncAttestedHttps, NotSent
 from teemesh.net.sse import WATCH_KEEPALIVE, SseParser
-from teemesh.net.tls import MAX_REPLY, DerCheck, PemPair
+from teemesh.net.tls import DerCheck, PemPair
 
 RETRY_FIRST, RETRY_MAX = 0.2, 5.0
 
@@ -52,10 +49,6 @@ class RawReply:
     body: bytes
     url: str
     """The coordinator that answered."""
-
-
-class _NotSent(PeerError):
-    """No byte of the request left: the coordinator is unreachable or failed its check."""
 
 
 REPLAYABLE = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
@@ -116,9 +109,9 @@ class CatalogClient:
         for _ in self.coordinators:
             https = self.coordinators[self._current]
             try:
-                reply = await _exchange(https, method, path, body, headers)
+                reply = RawReply(*await https.exchange(method, path, body, headers), https.url)
             except PeerError as exc:
-                if not isinstance(exc, _NotSent) and method not in REPLAYABLE:
+                if not isinstance(exc, NotSent) and method not in REPLAYABLE:
                     raise
                 failures.append(str(exc))
                 self._rotate()
@@ -194,44 +187,6 @@ class CatalogClient:
             self._rotate()
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX)
-
-
-async def _exchange(https: AsyncAttestedHttps, method: str, path: str, body: bytes,
-                    headers: Sequence[tuple[str, str]]) -> RawReply:  # fmt: skip
-    where = f"{https.url}{path}"
-    try:  # ``request``'s connection: the coordinator's certificate checked before any byte
-        reader, writer = await asyncio.wait_for(https._connect(), https.timeout)
-    except (OSError, TimeoutError, ssl.SSLError, MeshError) as exc:
-        raise _NotSent(f"{where}: {exc or type(exc).__name__}") from exc
-    try:
-        async with asyncio.timeout(https.timeout):
-            conn = h11.Connection(h11.CLIENT)
-            fields = [("Host", f"{https.host}:{https.port}"), ("Connection", "close"), *headers,
-                      ("Content-Length", str(len(body)))]  # fmt: skip
-            writer.write(conn.send(h11.Request(method=method, target=path, headers=fields)))
-            writer.write((conn.send(h11.Data(data=body)) if body else b"")
-                         + conn.send(h11.EndOfMessage()))  # fmt: skip
-            response, data = None, bytearray()
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    conn.receive_data(await reader.read(READ_CHUNK))
-                elif isinstance(event, h11.Response):
-                    response = event
-                elif isinstance(event, h11.Data):
-                    data += event.data
-                    if len(data) > MAX_REPLY:
-                        raise PeerError(f"{where}: reply over {MAX_REPLY} bytes")
-                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                    break
-    except (OSError, TimeoutError, ValueError, h11.ProtocolError, ssl.SSLError) as exc:
-        raise PeerError(f"{where}: {exc or type(exc).__name__}") from exc
-    finally:
-        await close(writer)
-    if response is None:
-        raise PeerError(f"{where}: the connection closed before a response")
-    pairs = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers)
-    return RawReply(response.status_code, pairs, bytes(data), https.url)
 
 
 def _update(kind: str, data: str, last: int | None) -> tuple[CatalogUpdate | None, int | None]:

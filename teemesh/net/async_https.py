@@ -62,10 +62,28 @@ class AsyncAttestedHttps:
         self, method: str, path: str, body: Any = None, headers: Sequence[tuple[str, str]] = ()
     ) -> tuple[int, Any]:
         """One request; returns the status and the JSON reply. Failures are PeerErrors."""
+        payload = b"" if body is None else json.dumps(body).encode()
+        json_type = [] if body is None else [("Content-Type", "application/json")]
+        status, _, data = await self.exchange(method, path, payload, [*headers, *json_type])
+        try:
+            return status, load_json(data, field=path)
+        except InputError as exc:
+            raise PeerError(f"{self.url}{path}: HTTP {status}: {exc}") from exc
+
+    async def exchange(
+        self, method: str, path: str, payload: bytes = b"", headers: Sequence[tuple[str, str]] = ()
+    ) -> tuple[int, tuple[tuple[str, str], ...], bytes]:
+        """One request with a body of bytes: the reply's status, headers and body (at most
+        MAX_REPLY bytes). Failures are PeerErrors; NotSent when no byte of the request left
+        (no connection, or the server's certificate refused), so it may go to another server."""
         where = f"{self.url}{path}"
         try:
+            reader, writer = await self._connect()
+        except (OSError, TimeoutError, ssl.SSLError, MeshError) as exc:
+            raise NotSent(f"{where}: {exc or type(exc).__name__}") from exc
+        try:
             async with asyncio.timeout(self.timeout):
-                status, chunks = await self._open_exchange(method, path, body, headers)
+                response, chunks = await self._send(reader, writer, method, path, payload, headers)
                 data = bytearray()
                 try:
                     async for chunk in chunks:
@@ -78,10 +96,8 @@ class AsyncAttestedHttps:
             raise PeerError(f"{where}: {exc or type(exc).__name__}") from exc
         except MeshError as exc:
             raise PeerError(f"{where}: {exc}") from exc
-        try:
-            return status, load_json(bytes(data), field=path)
-        except InputError as exc:
-            raise PeerError(f"{where}: HTTP {status}: {exc}") from exc
+        fields = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers)
+        return response.status_code, fields, bytes(data)
 
     async def stream(
         self, path: str, headers: Sequence[tuple[str, str]] = ()
@@ -92,23 +108,29 @@ class AsyncAttestedHttps:
         """
         try:
             async with asyncio.timeout(self.timeout):
-                return await self._open_exchange("GET", path, None, headers)
+                reader, writer = await self._connect()
+                response, chunks = await self._send(reader, writer, "GET", path, b"", headers)
+                return response.status_code, chunks
         except (OSError, TimeoutError, ValueError, h11.ProtocolError, ssl.SSLError) as exc:
             raise PeerError(f"{self.url}{path}: {exc or type(exc).__name__}") from exc
         except MeshError as exc:
             raise PeerError(f"{self.url}{path}: {exc}") from exc
 
-    async def _open_exchange(
-        self, method: str, path: str, body: Any, headers: Sequence[tuple[str, str]]
-    ) -> tuple[int, AsyncIterator[bytes]]:
-        reader, writer = await self._connect()
+    async def _send(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        method: str,
+        path: str,
+        payload: bytes,
+        headers: Sequence[tuple[str, str]],
+    ) -> tuple[h11.Response, AsyncIterator[bytes]]:
+        """Send the request on a checked connection; the response head, then its body's chunks
+        (which close the connection when done)."""
         try:
             conn = h11.Connection(h11.CLIENT)
-            payload = b"" if body is None else json.dumps(body).encode()
-            fields = [("Host", f"{self.host}:{self.port}"), ("Connection", "close"), *headers]
-            if body is not None:
-                fields += [("Content-Type", "application/json")]
-            fields += [("Content-Length", str(len(payload)))]
+            fields = [("Host", f"{self.host}:{self.port}"), ("Connection", "close"), *headers,
+                      ("Content-Length", str(len(payload)))]  # fmt: skip
             writer.write(conn.send(h11.Request(method=method, target=path, headers=fields)))
             writer.write(conn.send(h11.Data(data=payload)) + conn.send(h11.EndOfMessage()))
             await writer.drain()
@@ -118,7 +140,11 @@ class AsyncAttestedHttps:
         except BaseException:
             await close(writer)
             raise
-        return response.status_code, _body(conn, reader, writer)
+        return response, _body(conn, reader, writer)
+
+
+class NotSent(PeerError):
+    """No byte of the request reached the server: safe to send again elsewhere."""
 
 
 async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader) -> Any:

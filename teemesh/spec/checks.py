@@ -150,8 +150,13 @@ def _backend_problems(spec: ClusterSpec) -> Iterator[str]:
             ports.setdefault(backend.port, backend_name)
 
 
+def _callers(spec: ClusterSpec) -> set[str]:
+    """Who may be named a caller: the workload groups, and the gateway when there is one."""
+    return set(spec.workload_groups) | ({"gateway"} if spec.gateway else set())
+
+
 def _route_problems(spec: ClusterSpec) -> Iterator[str]:
-    callers_allowed = set(spec.workload_groups) | ({"gateway"} if spec.gateway else set())
+    callers_allowed = _callers(spec)
     cvm_names = {slot.name for slot in spec.cvm_slots()}
     declared_by: dict[str, tuple[str, str]] = {}
     vips: dict[str, str] = {}
@@ -192,7 +197,7 @@ def _compat_problems(spec: ClusterSpec) -> Iterator[str]:
         unknown = [g for g in vpc.allowed if g not in spec.workload_groups]
         if unknown:
             yield f"coordinators.vpc.allowed: no workload group named {', '.join(unknown)}"
-    callers_allowed = set(spec.workload_groups) | ({"gateway"} if spec.gateway else set())
+    callers_allowed = _callers(spec)
     for name, group in spec.workload_groups.items():
         compat = group.compat
         if compat is None:

@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -52,6 +53,15 @@ log_level_option = click.option(
 )
 
 
+def launch_options(command: Callable[..., None]) -> Callable[..., None]:
+    """What ``run`` and ``dstack`` both take: where the sidecar keeps its state, how it logs,
+    its guest agent and DCAP collateral."""
+    for option in (collateral_option, agent_option, log_level_option, hosts_file_option,
+                   state_option):  # fmt: skip
+        command = option(command)
+    return command
+
+
 @sidecar.command("run")
 @click.option(
     "--config",
@@ -60,11 +70,7 @@ log_level_option = click.option(
     required=True,
     help="Sidecar configuration (identity, coordinators, backends, routes).",
 )
-@state_option
-@hosts_file_option
-@log_level_option
-@agent_option
-@collateral_option
+@launch_options
 def run(
     config_path: Path,
     state: Path,
@@ -82,11 +88,7 @@ def run(
 
 
 @sidecar.command("dstack")
-@state_option
-@hosts_file_option
-@log_level_option
-@agent_option
-@collateral_option
+@launch_options
 def dstack(
     state: Path,
     hosts_file: Path | None,

@@ -199,8 +199,10 @@ def _admin_auth(path: Path | None, env_name: str | None, state: Path) -> AdminAu
 def _signer(value: str | None) -> str | None:
     """An Ed25519 public key, raw, in hex (said now, not at the first policy read)."""
     if value is not None:
+        from teemesh.coordinator.policy_signing import SIGNER_LEN  # noqa: PLC0415
+
         try:
-            if len(bytes.fromhex(value)) == 32:  # an Ed25519 public key
+            if len(bytes.fromhex(value)) == SIGNER_LEN:
                 return value.lower()
         except ValueError:
             pass

@@ -21,7 +21,7 @@ from teemesh.errors import InputError
 from teemesh.sidecar.dstack import ENV_INDEX, ENV_PEER_ID
 from teemesh.spec.compose import unpinned_images
 from teemesh.spec.plan import Plan
-from teemesh.spec.render import AppComposes, cluster_policy
+from teemesh.spec.render import AppComposes, cluster_policy, system_apps
 
 POLICY_FILE = "cluster-policy.json"
 MANIFEST_FILE = "manifest.json"
@@ -110,10 +110,9 @@ def render(
         RenderedApp.of(name, composes.group(name), tuple(c.name for c in plan.replicas(name)))
         for name in spec.workload_groups
     ]
-    roles = ["coordinator", *(["gateway"] if spec.gateway is not None else [])]
     apps += [
         RenderedApp.of(role, composes.system(role), tuple(c.name for c in plan.of_role(role)))
-        for role in roles
+        for role in system_apps(spec)
     ]
     known = [a.name for a in apps]
     problems = [

@@ -197,8 +197,13 @@ def app_ids(spec: ClusterSpec) -> dict[str, str]:
     server (``x-dstack-target-app``)."""
     apps = AppComposes(plan_cluster(spec))
     ids = {name: _app_id(apps.group(name)) for name in spec.workload_groups}
-    roles = ["coordinator", *(["gateway"] if spec.gateway is not None else [])]
-    return ids | {role: _app_id(apps.system(role)) for role in roles}
+    return ids | {role: _app_id(apps.system(role)) for role in system_apps(spec)}
+
+
+def system_apps(spec: ClusterSpec) -> list[str]:
+    """The platform's own apps that join the mesh (and are rendered for dstack): the
+    coordinators, and the gateway when there is one (the KMS is dstack's own there)."""
+    return ["coordinator", *(["gateway"] if spec.gateway is not None else [])]
 
 
 def coordinator_attest_policy(
